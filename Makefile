@@ -1,0 +1,46 @@
+# The whole set-up is `make demo` or `make test`; both build .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+BUILD  := build
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint check-platform clean
+
+check-platform:
+	@[ "$$(uname -s)/$$(uname -m)" = "Linux/x86_64" ] || \
+	  { echo "emuprobe: needs Linux on x86-64 (this is $$(uname -s)/$$(uname -m))" >&2; exit 1; }
+
+$(STAMP): pyproject.toml | check-platform
+	@command -v gcc >/dev/null || { echo "emuprobe: gcc is needed to build fixtures" >&2; exit 1; }
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+$(BUILD)/demo: examples/demo.c
+	mkdir -p $(BUILD)
+	gcc -O1 -g -o $@ $<
+
+# Trace the demo twice with ASLR off (so addresses are comparable): once
+# printing each hit, once counting; then show its maps equal an untraced run's.
+demo: $(STAMP) $(BUILD)/demo
+	@echo "== events: emuprobe trace add_to_total read_total -- $(BUILD)/demo 5"
+	EMUPROBE_DEMO_MAPS=$(BUILD)/maps.traced setarch -R \
+	  $(BIN)/emuprobe trace add_to_total read_total -- $(BUILD)/demo 5
+	@echo "== count summary: emuprobe trace --count ... -- $(BUILD)/demo 100000"
+	$(BIN)/emuprobe trace --count add_to_total read_total -- $(BUILD)/demo 100000
+	@echo "== address space: /proc/PID/maps, traced vs untraced"
+	EMUPROBE_DEMO_MAPS=$(BUILD)/maps.untraced setarch -R $(BUILD)/demo 5 >/dev/null
+	diff $(BUILD)/maps.untraced $(BUILD)/maps.traced && \
+	  echo "maps identical: $$(wc -l < $(BUILD)/maps.traced) mappings, no [uprobes] or other VMA added"
+
+lint: $(STAMP)
+	$(BIN)/ruff check emuprobe tests fuzz benchmarks
+	$(BIN)/mypy emuprobe
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(BUILD) $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,155 @@
+"""Traced processes and threads, and how they are started or attached.
+
+The records are plain bookkeeping; every ptrace call is made by the session's
+single thread (ptrace requires the attaching thread to issue all requests).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass, field
+
+from ..errors import ProbeError
+from . import ptrace
+from .sites import AddressSpace
+
+TRACE_OPTIONS = (
+    ptrace.PTRACE_O_TRACECLONE
+    | ptrace.PTRACE_O_TRACEFORK
+    | ptrace.PTRACE_O_TRACEVFORK
+    | ptrace.PTRACE_O_TRACEEXEC
+)
+
+
+@dataclass(eq=False)
+class Process:
+    pid: int
+    aspace: AddressSpace
+    threads: set[int] = field(default_factory=set)
+    followed: bool = True  # False: a --no-follow vfork child, traced silently until exec
+    attached: bool = False  # attached with -p (detach on exit) rather than spawned
+    comm: str = ""
+
+    def read_comm(self) -> str:
+        try:
+            with open(f"/proc/{self.pid}/comm") as f:
+                self.comm = f.read().strip()
+        except OSError:
+            pass
+        return self.comm
+
+
+@dataclass(eq=False)
+class Thread:
+    tid: int
+    process: Process
+    # True while the thread sits in a ptrace-stop that the session has not
+    # resumed (stop-the-world, or an event queued for later).
+    stopped: bool = False
+    comm: str = ""
+
+
+def tgid_of(tid: int) -> int | None:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def thread_state(tid: int) -> str:
+    """The one-letter scheduler state of `tid` ('t' = ptrace-stopped, 'Z' zombie, '' gone)."""
+    try:
+        with open(f"/proc/{tid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return ""
+    return data[data.rfind(")") + 2 :][:1]
+
+
+def tracer_of(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("TracerPid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def check_attachable(pid: int) -> None:
+    """Raise ProbeError unless `pid` exists and is not already traced."""
+    if pid <= 0 or not os.path.exists(f"/proc/{pid}"):
+        raise ProbeError(f"no process with PID {pid}")
+    if tgid_of(pid) != pid:
+        raise ProbeError(f"PID {pid} is a thread, not a process; use its process ID")
+    other = tracer_of(pid)
+    if other:
+        raise ProbeError(f"PID {pid} is already traced by PID {other}")
+    try:
+        os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
+    except PermissionError as e:
+        raise ProbeError(f"PID {pid}: not permitted to trace it ({e.strerror})") from e
+
+
+def seize_error(pid: int, err: OSError) -> ProbeError:
+    if err.errno == errno.EPERM:
+        other = tracer_of(pid)
+        if other:
+            return ProbeError(f"PID {pid} is already traced by PID {other}")
+        return ProbeError(
+            f"PID {pid}: not permitted to trace it "
+            "(another user's process, or kernel.yama.ptrace_scope forbids it)"
+        )
+    if err.errno == errno.ESRCH:
+        return ProbeError(f"no process with PID {pid}")
+    return ProbeError(f"PID {pid}: cannot trace it: {err.strerror}")
+
+
+def spawn_seized(argv: list[str], options: int) -> int:
+    """Fork `argv` and seize it before it executes; returns its pid.
+
+    The child blocks on a pipe until PTRACE_SEIZE has been done, so the exec is
+    reported as PTRACE_EVENT_EXEC and the new image runs nothing before we plant.
+    SEIZE (not TRACEME) is required: only seized tracees accept PTRACE_INTERRUPT
+    and PTRACE_LISTEN, which stop-the-world and group-stop rely on.
+    """
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(wfd)
+            # Python ignores SIGPIPE and SIGXFSZ; ignored dispositions survive
+            # exec, and the traced command must run as it would untraced.
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+            signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+            os.read(rfd, 1)
+            os.close(rfd)
+            os.execvp(argv[0], argv)
+        except BaseException as e:  # noqa: BLE001 - nothing may escape a forked child
+            os.write(2, f"emuprobe: cannot run {argv[0]}: {e}\n".encode())
+        os._exit(127)
+    os.close(rfd)
+    try:
+        ptrace.seize(pid, options)
+    except OSError as e:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise ProbeError(f"cannot trace the command: {e.strerror}") from e
+    finally:
+        os.write(wfd, b"x")
+        os.close(wfd)
+    return pid
+
+
+def list_threads(pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return []

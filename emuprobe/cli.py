@@ -1,0 +1,165 @@
+"""`emuprobe trace` and `emuprobe list`.
+
+Every error a user can cause is one line on stderr and exit status 2; a
+Python traceback reaching the user is a bug (EMUPROBE_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+from typing import TextIO
+
+from .errors import ProbeError
+
+TRACE_EPILOG = """\
+PROBE is [NAME=][BINARY:]SYMBOL[+OFFSET] or [NAME=]BINARY:0xADDRESS.
+BINARY is a path or a library as mapped in the target (libc, libm.so.6);
+the default is the main executable.  ADDRESS is the ELF address `nm` shows.
+
+examples:
+  emuprobe trace main -- ./app              # one line per call of main
+  emuprobe trace --count libc:malloc libc:free -- ls -la /usr/lib
+  emuprobe trace -p 1234 'parse+4'          # attach; Ctrl-C detaches cleanly
+  emuprobe trace --stats-json s.json ./app:0x401136 -- ./app
+  emuprobe trace entry=work --no-follow -- ./server
+"""
+
+LIST_EPILOG = """\
+examples:
+  emuprobe list ./app
+  emuprobe list libc 'str*'
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line, like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"emuprobe: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="emuprobe",
+        description="Dynamic probes that emulate the displaced instruction: no VMA is added.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "trace",
+        help="trace probes in a new command or a running process",
+        epilog=TRACE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("-p", "--pid", type=int, help="attach to this running process")
+    t.add_argument("--count", action="store_true", help="count hits silently; print a table at exit")
+    t.add_argument("--stats-json", metavar="FILE", help="write hit counts and exit status as JSON")
+    t.add_argument("-o", "--output", metavar="FILE", help="write events to FILE instead of stdout")
+    t.add_argument("--no-follow", action="store_true", help="do not trace forked children")
+    t.add_argument("probes", nargs="+", metavar="PROBE")
+    ls = sub.add_parser(
+        "list",
+        help="list probe-able functions of a binary",
+        epilog=LIST_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ls.add_argument("binary")
+    ls.add_argument("glob", nargs="?", default="*")
+    return p
+
+
+def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split at the first '--': emuprobe's arguments, then the command's."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    ours, command = _split_command(args_in)
+    args = _parser().parse_args(ours)
+    try:
+        if args.command == "list":
+            return _list(args.binary, args.glob)
+        return _trace(args, command)
+    except ProbeError as e:
+        print(f"emuprobe: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - last line of defence: no traceback for users
+        if os.environ.get("EMUPROBE_DEBUG"):
+            raise
+        print(f"emuprobe: internal error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _trace(args: argparse.Namespace, command: list[str]) -> int:
+    from .api import Tracer
+    from .output import LinePrinter, count_table, stats_json
+
+    if args.pid is not None and command:
+        raise ProbeError("give either -p PID or a command after '--', not both")
+    if args.pid is None and not command:
+        raise ProbeError("nothing to trace: give -p PID or a command after '--'")
+    tracer = (
+        Tracer.attach(args.pid)
+        if args.pid is not None
+        else Tracer.spawn(command, follow=not args.no_follow)
+    )
+    out: TextIO = sys.stdout
+    if args.output:
+        try:
+            out = open(args.output, "w")  # noqa: SIM115 - closed below
+        except OSError as e:
+            raise ProbeError(f"cannot write {args.output}: {e.strerror}") from e
+    printer = None if args.count else LinePrinter(out)
+    for text in args.probes:
+        tracer.probe(text, printer)
+    try:
+        status = tracer.run()
+    finally:
+        out.flush()
+    if args.count:
+        table = count_table(tracer.probes)
+        print(table, file=out if args.output else sys.stderr)
+    for p in tracer.probes:
+        if p.handler_errors > 1:
+            print(f"emuprobe: probe '{p.name}': handler raised {p.handler_errors} times",
+                  file=sys.stderr)
+    if args.output:
+        out.close()
+    if args.stats_json:
+        try:
+            with open(args.stats_json, "w") as f:
+                f.write(stats_json(tracer.probes, status) + "\n")
+        except OSError as e:
+            raise ProbeError(f"cannot write {args.stats_json}: {e.strerror}") from e
+    return status
+
+
+def _list(binary: str, glob: str) -> int:
+    from .breakpoints.elfimage import ElfImage
+    from .breakpoints.libraries import find_library_on_disk, is_path_spec
+
+    path = binary
+    if not is_path_spec(binary) and not os.path.exists(binary):
+        path = find_library_on_disk(binary) or binary
+    image = ElfImage.open(path)
+    shown = 0
+    for sym in image.functions():
+        if fnmatch.fnmatchcase(sym.name, glob):
+            kind = " [ifunc]" if sym.ifunc else ""
+            print(f"{sym.vaddr:#014x}  {sym.name:<40} {image.first_instruction(sym.vaddr)}{kind}")
+            shown += 1
+    if shown == 0:
+        raise ProbeError(f"{path}: no function matches '{glob}'")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,11 @@
+"""The one exception type a user ever sees as a message."""
+
+from __future__ import annotations
+
+
+class ProbeError(Exception):
+    """Bad input or an unusable target: printed as one line, exit status 2.
+
+    Raised before anything in the tracee is changed, so that a user's mistake
+    never leaves the tracee in a different state.
+    """

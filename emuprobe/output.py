@@ -1,0 +1,55 @@
+"""How hits and totals are printed: perf-script style lines, a count table, JSON stats."""
+
+from __future__ import annotations
+
+import json
+from typing import TextIO
+
+from .breakpoints.sites import Probe
+from .events import ProbeEvent
+
+
+def hit_line(event: ProbeEvent) -> str:
+    """`COMM PID/TID SECONDS.USEC: NAME: (0xADDRESS)`, as `perf script` prints a uprobe."""
+    sec, nsec = divmod(event.timestamp_ns, 1_000_000_000)
+    return (
+        f"{event.comm:>16} {event.pid:>7}/{event.tid:<7} {sec:>6}.{nsec // 1000:06d}: "
+        f"{event.probe.name}: ({event.address:#x})"
+    )
+
+
+class LinePrinter:
+    """A handler that writes one line per hit."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+
+    def __call__(self, event: ProbeEvent) -> None:
+        self.out.write(hit_line(event) + "\n")
+
+
+def count_table(probes: list[Probe]) -> str:
+    """The --count summary: one row per probe, hits and how they were executed."""
+    width = max([len("PROBE")] + [len(p.name) for p in probes])
+    rows = [f"{'PROBE':<{width}} {'HITS':>12} {'EMULATED':>12} {'NATIVE':>10}"]
+    for p in probes:
+        rows.append(f"{p.name:<{width}} {p.hits:>12} {p.emulated:>12} {p.native_fallback:>10}")
+    return "\n".join(rows)
+
+
+def stats_json(probes: list[Probe], exit_status: int) -> str:
+    return json.dumps(
+        {
+            "probes": {
+                p.name: {
+                    "hits": p.hits,
+                    "emulated": p.emulated,
+                    "native_fallback": p.native_fallback,
+                    "handler_errors": p.handler_errors,
+                }
+                for p in probes
+            },
+            "exit_status": exit_status,
+        },
+        indent=2,
+    )

@@ -1,0 +1,426 @@
+"""The event loop: stops -> sites -> handlers -> execution of the displaced instruction.
+
+One thread (the one that attached) makes every ptrace call and runs every
+handler.  A thread stopped at a site is handled on its own while the others
+keep running; only the native fallback stops the world.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .breakpoints import ptrace
+from .breakpoints.elfimage import ElfImage
+from .breakpoints.memory import ProcessMemory
+from .breakpoints.registry import Registry, is_interrupt_stop
+from .breakpoints.sites import AddressSpace, Probe, ProbeSite, SiteTable
+from .breakpoints.stepping import native_step, resume_after_step
+from .breakpoints.targets import ImageCache, Target
+from .breakpoints.tracee import Process, Thread
+from .emulator.decode import NativeStep, analyze
+from .emulator.execute import Emulated, Emulator
+from .errors import ProbeError
+from .events import ProbeEvent, Registers
+
+# The dynamic linker calls this empty function whenever its list of loaded
+# objects changes (r_debug.r_brk); debuggers break on it to see dlopen.
+RENDEZVOUS_SYMBOL = "_dl_debug_state"
+
+
+class _FpAccess:
+    """Lazy PTRACE_GETFPREGS: most instructions never need XMM state."""
+
+    __slots__ = ("tid",)
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+
+    def get(self) -> ptrace.UserFpRegs:
+        return ptrace.getfpregs(self.tid)
+
+    def set(self, fp: ptrace.UserFpRegs) -> None:
+        ptrace.setfpregs(self.tid, fp)
+
+
+class _Interrupted(Exception):
+    """Raised by our SIGINT/SIGTERM handler, only while idle in waitpid."""
+
+
+class Session:
+    def __init__(self, follow: bool = True, warn: Callable[[str], None] | None = None) -> None:
+        self.follow = follow
+        self.reg = Registry()
+        self.sites = SiteTable()
+        self.images = ImageCache()
+        self.targets: list[Target] = []
+        self.emulator = Emulator()
+        self.root_pid = 0
+        self.exit_status: int | None = None
+        self.stop_signal = 0
+        self.attached = False
+        self._waiting = False
+        self._warn = warn or (lambda msg: print(f"emuprobe: {msg}", file=sys.stderr))
+        self._warned: set[str] = set()
+        self._rendezvous = Probe("rendezvous", RENDEZVOUS_SYMBOL, internal=True)
+        self._rendezvous.handlers.append(self._on_rendezvous)
+        self._regs = ptrace.UserRegs()
+
+    # -- set-up ---------------------------------------------------------------
+    def start(self, proc: Process) -> None:
+        """Plant every site in a freshly seized `proc` (all its threads stopped)."""
+        self.reg.add_process(proc)
+        proc.read_comm()
+        self.plant_all(proc, strict=True)
+
+    def plant_all(self, proc: Process, strict: bool = False) -> None:
+        """Plant the sites of every probe whose file `proc` maps.
+
+        strict: a failure is the user's error (raised before the tracee runs);
+        otherwise it is a warning and that probe is skipped in this process.
+        """
+        aspace = proc.aspace
+        for m in aspace.memory.refresh().mappings:
+            if not (m.is_file and m.executable):
+                continue
+            for target in self.targets:
+                if target.matches(m):
+                    self._plant_target(aspace, target, m, strict)
+            if os.path.basename(m.path).startswith("ld-"):
+                self._plant_rendezvous(aspace, m)
+
+    def _plant_target(self, aspace: AddressSpace, target: Target, m: Any, strict: bool) -> None:
+        try:
+            image = target.checked if (m.dev, m.inode) == target.checked.identity else None
+            image = image or self.images.open(m.path)
+            resolved = target.resolve_in(image)
+            addr = m.file_offset_to_addr(resolved.file_offset)
+            if addr is None:
+                return
+            aspace.plant(self._site(image, resolved.vaddr, resolved.file_offset, target.probe), addr)
+        except ProbeError as e:
+            if strict:
+                raise
+            self._warn_once(f"probe '{target.probe.name}' not planted in {m.path}: {e}")
+
+    def _plant_rendezvous(self, aspace: AddressSpace, m: Any) -> None:
+        try:
+            image = self.images.open(m.path)
+            r = image.resolve(RENDEZVOUS_SYMBOL)
+        except ProbeError:
+            return  # not a glibc-style dynamic linker: no dlopen tracking
+        addr = m.file_offset_to_addr(r.file_offset)
+        if addr is not None:
+            try:
+                aspace.plant(self._site(image, r.vaddr, r.file_offset, self._rendezvous), addr)
+            except ProbeError as e:
+                self._warn_once(f"dlopen tracking disabled: {e}")
+
+    def _site(self, image: ElfImage, vaddr: int, file_offset: int, probe: Probe) -> ProbeSite:
+        site = self.sites.get(image.identity, file_offset)
+        if site is None:
+            code = image.read(vaddr, 16)
+            site = self.sites.add(
+                ProbeSite(image.identity, file_offset, image.path, vaddr, code, analyze(code, vaddr))
+            )
+        if probe not in site.probes:
+            site.probes.append(probe)
+        return site
+
+    # -- the loop -------------------------------------------------------------
+    def run(self) -> int:
+        """Trace until every traced process has exited (or we are told to stop)."""
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.reg.processes and not self.stop_signal:
+                got = self._next()
+                if got is None:
+                    break
+                self._dispatch(*got)
+        except _Interrupted:
+            pass
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if self.reg.processes:
+                self.detach_all()
+        if self.stop_signal and self.exit_status is None:
+            return 128 + self.stop_signal
+        return self.exit_status if self.exit_status is not None else 0
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.stop_signal = signum
+        if self._waiting:
+            raise _Interrupted()
+
+    def _next(self) -> tuple[int, int] | None:
+        if self.reg.pending:
+            return self.reg.pending.popleft()
+        self._waiting = True
+        try:
+            if self.stop_signal:
+                raise _Interrupted()
+            got = self.reg.reap()
+        finally:
+            self._waiting = False
+        return got
+
+    def _dispatch(self, tid: int, status: int) -> None:
+        thread = self.reg.threads.get(tid)
+        if thread is None:
+            thread = self._adopt(tid, status)
+            if thread is None:
+                return
+        thread.stopped = os.WIFSTOPPED(status)
+        try:
+            if not os.WIFSTOPPED(status):
+                self._on_exit(thread, status)
+            else:
+                self._on_stop(thread, status)
+        except ProcessLookupError:
+            pass  # the thread died under us; waitpid reports how
+
+    def _adopt(self, tid: int, status: int) -> Thread | None:
+        """A stop from a tid we were not told about yet (a new thread or child)."""
+        from .breakpoints.tracee import tgid_of
+
+        tgid = tgid_of(tid)
+        proc = self.reg.processes.get(tgid) if tgid is not None else None
+        if proc is not None and tgid != tid:
+            return self.reg.add_thread(tid, proc, stopped=True)
+        # A child process whose parent's fork event is still to come.
+        self.reg.early[tid] = status
+        return None
+
+    def _on_exit(self, thread: Thread, status: int) -> None:
+        proc = thread.process
+        self.reg.remove_thread(thread.tid)
+        if thread.tid == proc.pid:
+            if proc.pid == self.root_pid:
+                self.exit_status = (
+                    os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+                )
+            self.reg.remove_process(proc)
+
+    def _on_stop(self, thread: Thread, status: int) -> None:
+        sig, event = os.WSTOPSIG(status), ptrace.stop_event(status)
+        if event == ptrace.PTRACE_EVENT_STOP:
+            if sig in ptrace.GROUP_STOP_SIGNALS:
+                self.reg.listen(thread)  # group-stop: stay stopped until SIGCONT
+            else:
+                self.reg.resume(thread)
+        elif event in (ptrace.PTRACE_EVENT_FORK, ptrace.PTRACE_EVENT_VFORK, ptrace.PTRACE_EVENT_CLONE):
+            self._on_new_child(thread, event, ptrace.geteventmsg(thread.tid))
+            self.reg.resume(thread)
+        elif event == ptrace.PTRACE_EVENT_EXEC:
+            self._on_exec(thread)
+        elif event:
+            self.reg.resume(thread)
+        elif sig == signal.SIGTRAP:
+            self._on_trap(thread)
+        else:
+            self.reg.resume(thread, sig)  # every other signal passes through
+
+    # -- breakpoint hits --------------------------------------------------------
+    def _on_trap(self, thread: Thread) -> None:
+        tid = thread.tid
+        regs = ptrace.getregs(tid, self._regs)
+        aspace = thread.process.aspace
+        addr = regs.rip - 1
+        site = aspace.planted.get(addr)
+        # For a 1-byte instruction, addr+1 is also the next instruction, where
+        # a SIGTRAP the program sent itself could find the thread: only the
+        # si_code tells an int3 apart.  Longer instructions need no syscall.
+        if site is None or (
+            site.length == 1 and ptrace.getsiginfo(tid).si_code != ptrace.SI_KERNEL
+        ):
+            self.reg.resume(thread, signal.SIGTRAP)  # the program's own trap
+            return
+        regs.rip = addr
+        if thread.process.followed:
+            self._report(thread, site, regs)
+        self._execute(thread, site, addr, regs)
+
+    def _execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
+        if not isinstance(site.plan, NativeStep):
+            done = self.emulator.step(
+                site.plan, site.code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
+            )
+            if isinstance(done, Emulated):
+                ptrace.setregs(thread.tid, regs)
+                self.reg.resume(thread)
+                self._count(site, emulated=True, followed=thread.process.followed)
+                return
+        outcome = native_step(self.reg, thread, addr, regs)
+        self._count(site, emulated=False, followed=thread.process.followed)
+        resume_after_step(self.reg, thread, outcome)
+
+    def _count(self, site: ProbeSite, emulated: bool, followed: bool) -> None:
+        if not followed:
+            return
+        if emulated:
+            site.emulated += 1
+        else:
+            site.native_fallback += 1
+        for p in site.probes:
+            if emulated:
+                p.emulated += 1
+            else:
+                p.native_fallback += 1
+
+    def _report(self, thread: Thread, site: ProbeSite, regs: ptrace.UserRegs) -> None:
+        site.hits += 1
+        proc = thread.process
+        if not thread.comm:
+            thread.comm = _read_comm(proc.pid, thread.tid) or proc.comm
+        event = None
+        for probe in site.probes:
+            probe.hits += 1
+            if not probe.handlers:
+                continue
+            if event is None:
+                event = ProbeEvent(
+                    probe,
+                    proc.pid,
+                    thread.tid,
+                    thread.comm,
+                    time.clock_gettime_ns(time.CLOCK_MONOTONIC),
+                    regs.rip,
+                    Registers(regs),
+                    proc.aspace.memory,
+                )
+            elif event.probe is not probe:
+                event = ProbeEvent(probe, *_event_fields(event))
+            for handler in probe.handlers:
+                try:
+                    handler(event)
+                except Exception as e:  # noqa: BLE001 - a handler's bug must not hurt the tracee
+                    probe.handler_errors += 1
+                    if probe.handler_errors == 1:
+                        self._warn(
+                            f"handler for probe '{probe.name}' raised "
+                            f"{type(e).__name__}: {e} (further errors are only counted)"
+                        )
+
+    def _on_rendezvous(self, event: ProbeEvent) -> None:
+        proc = self.reg.processes.get(event.pid)
+        if proc is not None:
+            self.plant_all(proc)
+
+    # -- processes coming and going ----------------------------------------------
+    def _on_new_child(self, parent: Thread, event: int, child: int) -> None:
+        if event == ptrace.PTRACE_EVENT_CLONE and _same_process(parent.process.pid, child):
+            self.reg.add_thread(child, parent.process, stopped=child in self.reg.early)
+            self._requeue_early(child)
+            return
+        vfork = event == ptrace.PTRACE_EVENT_VFORK
+        pproc = parent.process
+        if vfork:
+            aspace = pproc.aspace  # the child runs in its parent's mm until it execs
+            aspace.users += 1
+        else:
+            aspace = pproc.aspace.fork_copy(ProcessMemory(child))
+        proc = Process(child, aspace, followed=self.follow, comm=pproc.comm)
+        if not self.follow and not vfork:
+            self._release_fork_child(proc)
+            return
+        self.reg.add_process(proc)
+        self.reg.add_thread(child, proc, stopped=child in self.reg.early)
+        self._requeue_early(child)
+
+    def _requeue_early(self, tid: int) -> None:
+        status = self.reg.early.pop(tid, None)
+        if status is not None:
+            self.reg.pending.append((tid, status))
+
+    def _release_fork_child(self, proc: Process) -> None:
+        """--no-follow: take our int3s out of a fork child's copy, then let it go."""
+        status = self.reg.early.pop(proc.pid, None)
+        if status is None:
+            _, status = ptrace.waitpid(proc.pid)
+        proc.aspace.unplant_all()
+        proc.aspace.memory.close()
+        if os.WIFSTOPPED(status):
+            ptrace.detach(proc.pid)
+
+    def _on_exec(self, thread: Thread) -> None:
+        proc = thread.process
+        for tid in list(proc.threads):
+            if tid != proc.pid:
+                self.reg.remove_thread(tid)
+        if thread.tid != proc.pid:  # a non-leader exec'd and took the leader's tid
+            self.reg.remove_thread(thread.tid)
+            thread = self.reg.add_thread(proc.pid, proc, stopped=True)
+        old = proc.aspace
+        old.users -= 1
+        if old.users <= 0:
+            old.memory.close()
+        proc.aspace = AddressSpace(ProcessMemory(proc.pid))
+        thread.comm = ""
+        proc.read_comm()
+        if not proc.followed:  # a --no-follow vfork child: the new image is not ours
+            self.reg.remove_process(proc)
+            ptrace.detach(proc.pid)
+            return
+        self.plant_all(proc)
+        self.reg.resume(thread)
+
+    # -- leaving ----------------------------------------------------------------
+    def detach_all(self) -> None:
+        """Remove every int3 and detach from everything, leaving all tracees unharmed.
+
+        All threads are stopped first; stops already queued are handled as
+        usual (a thread already trapped on one of our int3s gets its hit
+        handled, so no event is lost and no SIGTRAP is left to kill it), but
+        nothing is resumed: a signal owed to a thread is delivered at detach.
+        """
+        owed: dict[int, int] = {}
+        self.reg.hold = owed
+        for _ in range(100):  # new threads can appear while we stop the others
+            running = [t for t in self.reg.threads.values() if not t.stopped]
+            if not running and not self.reg.pending:
+                break
+            self.reg.stop_threads(running)
+            while self.reg.pending:
+                self._dispatch(*self.reg.pending.popleft())
+        for proc in list(self.reg.processes.values()):
+            proc.aspace.unplant_all()
+        for tid, thread in list(self.reg.threads.items()):
+            try:
+                ptrace.detach(tid, owed.get(tid, 0))
+            except OSError:
+                pass
+            self.reg.remove_thread(thread.tid)
+        for proc in list(self.reg.processes.values()):
+            self.reg.remove_process(proc)
+        self.reg.hold = None
+
+    def _warn_once(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            self._warn(msg)
+
+
+def _same_process(pid: int, child: int) -> bool:
+    from .breakpoints.tracee import tgid_of
+
+    return tgid_of(child) == pid
+
+
+def _read_comm(pid: int, tid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _event_fields(e: ProbeEvent) -> tuple[Any, ...]:
+    return (e.pid, e.tid, e.comm, e.timestamp_ns, e.address, e.regs, e._memory)
+
+
+__all__ = ["Session", "is_interrupt_stop"]
