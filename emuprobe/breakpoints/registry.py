@@ -136,18 +136,46 @@ class Registry:
             if got is None:
                 idle += 1
                 if idle % 8 == 0:
-                    for tid in [t for t in waiting if thread_state(t) in ("Z", "X", "")]:
-                        del waiting[tid]
+                    for tid in list(waiting):
+                        state = thread_state(tid)
+                        if state in ("Z", "X", ""):
+                            del waiting[tid]  # will never stop: a zombie leader
+                        elif state == "t":
+                            t = waiting.pop(tid)
+                            got = self.reap(tid, nohang=True)
+                            if got is not None:
+                                self._classify(got, t, ours)
+                            elif not self._recover(t):
+                                # Stopped, yet nothing to reap: its status was
+                                # taken already (SIGINT just after a waitpid).
+                                ours.append(t)
                 time.sleep(0 if idle < 8 else 0.0001)
                 continue
             idle = 0
-            tid, status = got
-            t = waiting.pop(tid, None)
-            if t is not None and is_interrupt_stop(status):
-                ours.append(t)
-            else:
-                self.pending.append(got)
+            self._classify(got, waiting.pop(got[0], None), ours)
         return ours
+
+    def _classify(self, got: Status, waited_for: Thread | None, ours: list[Thread]) -> None:
+        if waited_for is not None and is_interrupt_stop(got[1]):
+            ours.append(waited_for)
+        else:
+            self.pending.append(got)
+
+    def _recover(self, thread: Thread) -> bool:
+        """Rebuild a lost stop status from the siginfo the kernel still holds.
+
+        True if a stop that needs handling was queued in `pending`.
+        """
+        thread.stopped = True
+        try:
+            info = ptrace.getsiginfo(thread.tid)
+        except OSError:
+            return False  # group-stop: nothing to handle
+        event = info.si_code >> 8 if info.si_signo == signal.SIGTRAP else 0
+        if event == ptrace.PTRACE_EVENT_STOP:
+            return False
+        self.pending.append((thread.tid, (event << 16) | (info.si_signo << 8) | 0x7F))
+        return True
 
     def resume_all(self, threads: list[Thread]) -> None:
         for t in threads:
