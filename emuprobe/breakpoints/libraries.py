@@ -53,14 +53,45 @@ def _name_pattern(spec: str) -> re.Pattern[str]:
     return re.compile(rf"{name}(?:\.so(?:\.[0-9][0-9.]*)?|-[0-9][0-9.]*\.so(?:\.[0-9.]*)?)$")
 
 
-def find_library_on_disk(spec: str) -> str | None:
+def program_search_dirs(exe: str) -> list[str]:
+    """Directories the dynamic linker searches first for `exe`'s libraries.
+
+    LD_LIBRARY_PATH (the command inherits our environment), then the
+    program's DT_RPATH/DT_RUNPATH with $ORIGIN expanded.
+    """
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.dynamic import DynamicSection
+    from elftools.elf.elffile import ELFFile
+
+    dirs = [d for d in os.environ.get("LD_LIBRARY_PATH", "").split(":") if d]
+    origin = os.path.dirname(os.path.realpath(exe))
+    try:
+        with open(exe, "rb") as f:
+            for section in ELFFile(f).iter_sections():
+                if not isinstance(section, DynamicSection):
+                    continue
+                for tag in section.iter_tags():
+                    if tag.entry.d_tag in ("DT_RPATH", "DT_RUNPATH"):
+                        path = tag.runpath if tag.entry.d_tag == "DT_RUNPATH" else tag.rpath
+                        for d in path.split(":"):
+                            dirs.append(d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
+    except (OSError, ELFError):
+        pass
+    return dirs
+
+
+def find_library_on_disk(spec: str, search_dirs: list[str] | None = None) -> str | None:
     """The realpath of the x86-64 library `spec` would load, or None.
 
     This validates a probe before the program has mapped the library, so it
-    follows the dynamic linker's cache first and the usual directories after.
+    follows the dynamic linker's order: `search_dirs` (see
+    program_search_dirs), its cache, then the usual directories.
     """
     if is_path_spec(spec):
         return os.path.realpath(spec) if _is_x86_64_elf(spec) else None
+    found = _search(spec, search_dirs or ())
+    if found:
+        return found
     cached = [
         (path, x86) for soname, x86, path in _ldconfig_cache() if library_matches(spec, soname)
     ]
@@ -68,7 +99,11 @@ def find_library_on_disk(spec: str) -> str | None:
     for path, _x86 in sorted(cached, key=lambda e: not e[1]):
         if _is_x86_64_elf(path):
             return os.path.realpath(path)
-    for directory in _LIB_DIRS:
+    return _search(spec, _LIB_DIRS)
+
+
+def _search(spec: str, dirs: tuple[str, ...] | list[str]) -> str | None:
+    for directory in dirs:
         try:
             names = os.listdir(directory)
         except OSError:

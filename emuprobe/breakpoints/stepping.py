@@ -73,6 +73,13 @@ def _step(reg: Registry, thread: Thread, aspace: AddressSpace, addr: int) -> Ste
             reg.pending.append(got)  # exited inside the step (exit syscall, SIGKILL)
             return StepOutcome(left_stopped=True)
         sig = os.WSTOPSIG(status)
+        if ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP:
+            # A PTRACE_INTERRUPT left pending by an earlier stop-the-world, or a
+            # group-stop: either way the instruction has not run yet.  Step on;
+            # a job-control stop is re-raised once the instruction is done.
+            if sig in ptrace.GROUP_STOP_SIGNALS:
+                held.append((sig, ptrace.SigInfo()))
+            continue
         if ptrace.stop_event(status):
             # clone/fork/exec/stop inside a syscall: the instruction has been
             # entered and RIP is past it; the event loop handles the rest.
@@ -98,6 +105,8 @@ def _done(held: list[tuple[int, ptrace.SigInfo]]) -> StepOutcome:
     if not held:
         return StepOutcome()
     (sig, info), rest = held[0], held[1:]
+    if not info.si_signo:  # a job-control stop we only noted: re-raise it
+        return StepOutcome(extra=held)
     return StepOutcome(deliver=sig, siginfo=info, extra=rest)
 
 

@@ -9,12 +9,18 @@ executable file, the specs that name that file are resolved in it and give
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ..errors import ProbeError
 from ..spec import ProbeSpec
 from .elfimage import ElfImage, Resolved
-from .libraries import find_library_on_disk, is_path_spec, library_matches
+from .libraries import (
+    find_library_on_disk,
+    is_path_spec,
+    library_matches,
+    program_search_dirs,
+)
 from .maps import Mapping
 from .sites import FileKey, Probe
 
@@ -86,12 +92,17 @@ def _checked_path(spec: ProbeSpec, main_exe: str, mapped: list[Mapping] | None) 
         return main_exe
     if is_path_spec(binary):
         return binary
+    if binary == os.path.basename(main_exe):
+        return main_exe
     if mapped is not None:
         for m in mapped:
             if m.is_file and library_matches(binary, m.path):
                 return m.path
         raise ProbeError(f"library '{binary}' is not mapped in the target process")
-    found = find_library_on_disk(binary)
+    found = find_library_on_disk(binary, program_search_dirs(main_exe))
     if found is None:
-        raise ProbeError(f"library '{binary}' not found in the ld.so cache or library directories")
+        raise ProbeError(
+            f"library '{binary}' not found (searched the program's RUNPATH, LD_LIBRARY_PATH, "
+            "the ld.so cache and library directories); give its path"
+        )
     return found
