@@ -149,7 +149,8 @@ class Session:
             if self.reg.processes:
                 self.detach_all()
         if self.stop_signal and self.exit_status is None:
-            return 128 + self.stop_signal
+            # Attached: Ctrl-C is how a user ends the trace, not a failure.
+            return 0 if self.attached else 128 + self.stop_signal
         return self.exit_status if self.exit_status is not None else 0
 
     def _on_signal(self, signum: int, _frame: object) -> None:

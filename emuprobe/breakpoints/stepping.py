@@ -86,7 +86,9 @@ def _step(reg: Registry, thread: Thread, aspace: AddressSpace, addr: int) -> Ste
             reg.pending.append(got)
             return StepOutcome(left_stopped=True, extra=held)
         info = ptrace.getsiginfo(tid)
-        if sig == signal.SIGTRAP and info.si_code == ptrace.TRAP_TRACE:
+        # x86 reports a step over `syscall` from the syscall-exit path as
+        # TRAP_BRKPT (user_single_step_report), any other step as TRAP_TRACE.
+        if sig == signal.SIGTRAP and info.si_code in (ptrace.TRAP_TRACE, ptrace.TRAP_BRKPT):
             return _done(held)
         if sig == signal.SIGTRAP or (sig in SYNC_FAULTS and info.si_code > 0):
             # The instruction raised this itself (its own int3, a fault): the

@@ -139,12 +139,12 @@ def spawn_seized(argv: list[str], options: int) -> int:
     try:
         ptrace.seize(pid, options)
     except OSError as e:
+        os.close(wfd)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise ProbeError(f"cannot trace the command: {e.strerror}") from e
-    finally:
-        os.write(wfd, b"x")
-        os.close(wfd)
+    os.write(wfd, b"x")
+    os.close(wfd)
     return pid
 
 
