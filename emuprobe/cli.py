@@ -54,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("-p", "--pid", type=int, help="attach to this running process")
-    t.add_argument("--count", action="store_true", help="count hits silently; print a table at exit")
+    t.add_argument(
+        "--count", action="store_true", help="count hits silently; print a table at exit"
+    )
     t.add_argument("--stats-json", metavar="FILE", help="write hit counts and exit status as JSON")
     t.add_argument("-o", "--output", metavar="FILE", help="write events to FILE instead of stdout")
     t.add_argument("--no-follow", action="store_true", help="do not trace forked children")

@@ -31,6 +31,8 @@ from .events import ProbeEvent, Registers
 # objects changes (r_debug.r_brk); debuggers break on it to see dlopen.
 RENDEZVOUS_SYMBOL = "_dl_debug_state"
 
+_NEW_CHILD_EVENTS = (ptrace.PTRACE_EVENT_FORK, ptrace.PTRACE_EVENT_VFORK, ptrace.PTRACE_EVENT_CLONE)
+
 
 class _FpAccess:
     """Lazy PTRACE_GETFPREGS: most instructions never need XMM state."""
@@ -101,7 +103,8 @@ class Session:
             addr = m.file_offset_to_addr(resolved.file_offset)
             if addr is None:
                 return
-            aspace.plant(self._site(image, resolved.vaddr, resolved.file_offset, target.probe), addr)
+            site = self._site(image, resolved.vaddr, resolved.file_offset, target.probe)
+            aspace.plant(site, addr)
         except ProbeError as e:
             if strict:
                 raise
@@ -124,8 +127,9 @@ class Session:
         site = self.sites.get(image.identity, file_offset)
         if site is None:
             code = image.read(vaddr, 16)
+            plan = analyze(code, vaddr)
             site = self.sites.add(
-                ProbeSite(image.identity, file_offset, image.path, vaddr, code, analyze(code, vaddr))
+                ProbeSite(image.identity, file_offset, image.path, vaddr, code, plan)
             )
         if probe not in site.probes:
             site.probes.append(probe)
@@ -214,7 +218,7 @@ class Session:
                 self.reg.listen(thread)  # group-stop: stay stopped until SIGCONT
             else:
                 self.reg.resume(thread)
-        elif event in (ptrace.PTRACE_EVENT_FORK, ptrace.PTRACE_EVENT_VFORK, ptrace.PTRACE_EVENT_CLONE):
+        elif event in _NEW_CHILD_EVENTS:
             self._on_new_child(thread, event, ptrace.geteventmsg(thread.tid))
             self.reg.resume(thread)
         elif event == ptrace.PTRACE_EVENT_EXEC:
@@ -256,7 +260,7 @@ class Session:
                 self.reg.resume(thread)
                 self._count(site, emulated=True, followed=thread.process.followed)
                 return
-        outcome = native_step(self.reg, thread, addr, regs)
+        outcome = native_step(self.reg, thread, addr, regs, getattr(site.plan, "rep", False))
         self._count(site, emulated=False, followed=thread.process.followed)
         resume_after_step(self.reg, thread, outcome)
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import subprocess
 
 from conftest import EMUPROBE, hits, run_traced
-from fixturebuild import build, parse_counts, run, symbol_vaddr
-
 from emuprobe.api import Tracer
+from fixturebuild import build, parse_counts, run, symbol_vaddr
 
 
 def test_handler_sees_registers_and_memory():
@@ -72,3 +71,14 @@ def test_list_shows_functions_with_first_instruction():
     assert "c_func" not in rows
     done = subprocess.run([*EMUPROBE, "list", "libc", "malloc"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.split()[1] == "malloc"
+
+
+def test_rep_string_probe_fires_once_per_execution(tmp_path):
+    exe = build("repstr", "O2-pie")
+    plain = run(exe, "12")
+    t = run_traced(tmp_path, ["f_rep"], [str(exe), "12"])
+    assert t.status == 0, t.stderr
+    assert t.stdout == plain.stdout
+    s = t.stats["probes"]["f_rep"]
+    assert s["hits"] == 12
+    assert s["emulated"] == 6 and s["native_fallback"] == 6  # 20000 bytes: too long to emulate

@@ -10,8 +10,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import fixturebuild as fb
 import pytest
+
+import fixturebuild as fb
 
 VARIANTS = list(fb.VARIANTS)
 

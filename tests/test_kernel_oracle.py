@@ -15,9 +15,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import fixturebuild as fb
 import pytest
 
+import fixturebuild as fb
 from emuprobe.perfbridge import kernel
 
 _OK, _WHY = kernel.available()

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import EMUPROBE, children_of, wait_for
-from fixturebuild import build, run, symbol_vaddr
 
+from conftest import EMUPROBE, children_of, wait_for
 from emuprobe.breakpoints.maps import read_maps
+from fixturebuild import build, run, symbol_vaddr
 
 
 def text_matches_file(pid: int, exe: Path, symbols: list[str]) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from conftest import hits, run_traced
 from fixturebuild import build, cpu_has, parse_counts, run, symbol_vaddr
 
@@ -40,7 +41,7 @@ def test_firstinsn_counts_and_output(tmp_path, variant):
     stats = t.stats["probes"]
     for name in NATIVE:  # atomics, syscalls, VEX.256 are never emulated
         assert stats[name]["native_fallback"] == calls[name], name
-    for name in ("f_push", "f_movrr", "f_riprel_load", "f_addsd", "f_call"):
+    for name in ("f_push", "f_movrr", "f_riprel_load", "f_movaps", "f_call", "f_ret"):
         assert stats[name]["emulated"] == calls[name], name
     assert len(t.events) == sum(calls[name] for name in EMULATED + NATIVE)
 

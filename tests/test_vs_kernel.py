@@ -13,10 +13,10 @@ import re
 import subprocess
 import time
 
-import fixturebuild as fb
 import pytest
-from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
 
+import fixturebuild as fb
+from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
 from emuprobe.perfbridge import kernel
 
 _OK, _WHY = kernel.available()
@@ -72,7 +72,8 @@ def test_ls_malloc_free_equal_kernel(tmp_path):
     k = kernel.KernelUprobes()
     try:
         events = [
-            f"{k.group}:{k.add(libc, fb.symbol_offset(libc, s), name=s)}" for s in ("malloc", "free")
+            f"{k.group}:{k.add(libc, fb.symbol_offset(libc, s), name=s)}"
+            for s in ("malloc", "free")
         ]
         kernel_counts = _perf_counts(events, argv)
     finally:

@@ -71,8 +71,9 @@ def program_search_dirs(exe: str) -> list[str]:
                 if not isinstance(section, DynamicSection):
                     continue
                 for tag in section.iter_tags():
-                    if tag.entry.d_tag in ("DT_RPATH", "DT_RUNPATH"):
-                        path = tag.runpath if tag.entry.d_tag == "DT_RUNPATH" else tag.rpath
+                    attr = {"DT_RPATH": "rpath", "DT_RUNPATH": "runpath"}.get(tag.entry.d_tag)
+                    if attr:
+                        path = getattr(tag, attr)
                         for d in path.split(":"):
                             dirs.append(d.replace("$ORIGIN", origin).replace("${ORIGIN}", origin))
     except (OSError, ELFError):

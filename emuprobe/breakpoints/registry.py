@@ -21,7 +21,10 @@ Status = tuple[int, int]  # (tid, wait status)
 
 
 def is_interrupt_stop(status: int) -> bool:
-    """PTRACE_EVENT_STOP not caused by job control: our PTRACE_INTERRUPT (or a new tracee's first stop)."""
+    """PTRACE_EVENT_STOP not caused by job control.
+
+    That is our PTRACE_INTERRUPT, or the first stop of a new tracee.
+    """
     return (
         os.WIFSTOPPED(status)
         and ptrace.stop_event(status) == ptrace.PTRACE_EVENT_STOP

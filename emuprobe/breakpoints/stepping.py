@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 from . import ptrace
 from .registry import SYNC_FAULTS, Registry
-from .sites import AddressSpace
 from .tracee import Thread
 
 
@@ -37,8 +36,14 @@ class StepOutcome:
     extra: list[tuple[int, ptrace.SigInfo]] = field(default_factory=list)
 
 
-def native_step(reg: Registry, thread: Thread, addr: int, regs: ptrace.UserRegs) -> StepOutcome:
-    """Execute the instruction displaced at `addr` natively; regs.rip must be `addr`."""
+def native_step(
+    reg: Registry, thread: Thread, addr: int, regs: ptrace.UserRegs, repeats: bool = False
+) -> StepOutcome:
+    """Execute the instruction displaced at `addr` natively; regs.rip must be `addr`.
+
+    `repeats`: a rep-prefixed string instruction, which traps after every
+    iteration with RIP still at `addr`; it is stepped until RIP leaves.
+    """
     aspace = thread.process.aspace
     others = reg.stop_threads([t for t in reg.sharing(aspace) if t is not thread])
     outcome = StepOutcome()
@@ -47,7 +52,7 @@ def native_step(reg: Registry, thread: Thread, addr: int, regs: ptrace.UserRegs)
         ptrace.setregs(thread.tid, regs)
         aspace.restore_byte(addr)
         restored = True
-        outcome = _step(reg, thread, aspace, addr)
+        outcome = _step(reg, thread, addr, repeats)
     finally:
         # An exec inside the step replaced the mm: the old one is gone and the
         # new image must not get a stray int3.
@@ -60,7 +65,7 @@ def native_step(reg: Registry, thread: Thread, addr: int, regs: ptrace.UserRegs)
     return outcome
 
 
-def _step(reg: Registry, thread: Thread, aspace: AddressSpace, addr: int) -> StepOutcome:
+def _step(reg: Registry, thread: Thread, addr: int, repeats: bool) -> StepOutcome:
     tid = thread.tid
     held: list[tuple[int, ptrace.SigInfo]] = []
     while True:
@@ -89,6 +94,8 @@ def _step(reg: Registry, thread: Thread, aspace: AddressSpace, addr: int) -> Ste
         # x86 reports a step over `syscall` from the syscall-exit path as
         # TRAP_BRKPT (user_single_step_report), any other step as TRAP_TRACE.
         if sig == signal.SIGTRAP and info.si_code in (ptrace.TRAP_TRACE, ptrace.TRAP_BRKPT):
+            if repeats and ptrace.getregs(tid).rip == addr:
+                continue  # one more iteration of a rep string instruction
             return _done(held)
         if sig == signal.SIGTRAP or (sig in SYNC_FAULTS and info.si_code > 0):
             # The instruction raised this itself (its own int3, a fault): the

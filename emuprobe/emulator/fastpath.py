@@ -1,0 +1,95 @@
+"""The FastPath executors: the commonest prologue instructions in pure Python.
+
+Each is exact for the encodings decode.py hands it and nothing else.  They
+operate on `UserRegs` and the tracee's memory directly, so the one thing they
+must never do is a store that the CPU would have refused: /proc/PID/mem writes
+ignore page protections, so every store is checked against the tracee's maps
+first.  On refusal nothing has been changed.
+"""
+
+from __future__ import annotations
+
+from ..breakpoints.maps import PROT_EXEC, PROT_WRITE
+from ..breakpoints.memory import ProcessMemory
+from ..breakpoints.ptrace import UserRegs
+from .decode import FastPath
+from .regs import AF, ARITH_FLAGS, CF, MASK64, OF, PF, SF, ZF, canonical
+
+_PARITY = tuple(PF if bin(i).count("1") % 2 == 0 else 0 for i in range(256))
+
+
+def execute(plan: FastPath, regs: UserRegs, mem: ProcessMemory) -> str | None:
+    """Apply `plan` to `regs` (RIP at the site) and the tracee's memory.
+
+    Returns None when done, or the reason it refused (with nothing changed).
+    """
+    op = plan.op
+    nxt = (regs.rip + plan.length) & MASK64
+    if op == "nop":
+        regs.rip = nxt
+    elif op == "push":
+        sp = (regs.rsp - 8) & MASK64
+        value = getattr(regs, plan.src)  # push rsp pushes the old value
+        reason = store(mem, sp, value.to_bytes(8, "little"))
+        if reason is not None:
+            return reason
+        regs.rsp = sp
+        regs.rip = nxt
+    elif op == "mov":
+        setattr(regs, plan.dst, getattr(regs, plan.src))
+        regs.rip = nxt
+    elif op == "sub_rsp" or op == "add_rsp":
+        a, b = regs.rsp, plan.imm
+        if op == "add_rsp":
+            full = a + b
+            r = full & MASK64
+            flags = CF if full >> 64 else 0
+            flags |= OF if ((a ^ r) & (b ^ r)) >> 63 else 0
+        else:
+            r = (a - b) & MASK64
+            flags = CF if a < b else 0
+            flags |= OF if ((a ^ b) & (a ^ r)) >> 63 else 0
+        flags |= _PARITY[r & 0xFF] | ((a ^ b ^ r) & AF) | (SF if r >> 63 else 0)
+        flags |= ZF if r == 0 else 0
+        regs.rsp = r
+        regs.eflags = (regs.eflags & ~ARITH_FLAGS) | flags
+        regs.rip = nxt
+    elif op == "jmp":
+        target = (nxt + plan.imm) & MASK64
+        if not canonical(target):
+            return f"branch to non-canonical {target:#x} (#GP)"
+        regs.rip = target
+    elif op == "call":
+        target = (nxt + plan.imm) & MASK64
+        if not canonical(target):
+            return f"branch to non-canonical {target:#x} (#GP)"
+        sp = (regs.rsp - 8) & MASK64
+        reason = store(mem, sp, nxt.to_bytes(8, "little"))
+        if reason is not None:
+            return reason
+        regs.rsp = sp
+        regs.rip = target
+    else:  # pragma: no cover - decode.py produces no other op
+        return f"unknown fast path {op!r}"
+    return None
+
+
+def store(mem: ProcessMemory, addr: int, data: bytes) -> str | None:
+    """Write `data` at `addr` if the CPU would allow the store, else say why not."""
+    end = addr + len(data)
+    a = addr
+    while a < end:
+        m = mem.region(a)
+        if m is None:
+            return f"store to unmapped address {a:#x}"
+        if not m.prot & PROT_WRITE:
+            return f"store to non-writable page at {a:#x}"
+        if m.prot & PROT_EXEC:
+            # may hold our int3s; self-modifying code goes native
+            return f"store to executable page at {a:#x}"
+        a = m.end
+    try:
+        mem.write(addr, data)
+    except OSError as e:
+        return f"store at {addr:#x} failed: {e}"
+    return None
