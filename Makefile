@@ -36,7 +36,7 @@ demo: $(STAMP) $(BUILD)/demo
 	  echo "maps identical: $$(wc -l < $(BUILD)/maps.traced) mappings, no [uprobes] or other VMA added"
 
 lint: $(STAMP)
-	$(BIN)/ruff check emuprobe tests fuzz benchmarks
+	$(BIN)/ruff check $(wildcard emuprobe tests fuzz benchmarks)
 	$(BIN)/mypy emuprobe
 
 test: $(STAMP) lint
