@@ -75,12 +75,13 @@ class Tracer:
 
     def run(self) -> int:
         """Start or attach, trace until the end, detach; the command's exit status."""
-        if self.argv is not None:
-            self._spawn(self.argv)
-        else:
-            assert self.pid is not None
-            self._attach(self.pid)
-        status = self.session.run()
+        with self.session.stop_on_signals():
+            if self.argv is not None:
+                self._spawn(self.argv)
+            else:
+                assert self.pid is not None
+                self._attach(self.pid)
+            status = self.session.run()
         stop = self.session.stop_signal
         if stop and self.argv is not None and self.session.root_pid:
             # Ctrl-C already reached the command through the terminal; SIGTERM

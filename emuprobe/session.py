@@ -11,7 +11,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .breakpoints import ptrace
@@ -136,9 +137,22 @@ class Session:
         return site
 
     # -- the loop -------------------------------------------------------------
+    @contextmanager
+    def stop_on_signals(self) -> Iterator[None]:
+        """SIGINT/SIGTERM end the trace cleanly instead of killing us.
+
+        Installed before the tracee is touched, so a Ctrl-C during attach or
+        planting is a request to stop, never an exception half-way through.
+        """
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
     def run(self) -> int:
         """Trace until every traced process has exited (or we are told to stop)."""
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.reg.processes and not self.stop_signal:
                 got = self._next()
@@ -148,8 +162,6 @@ class Session:
         except _Interrupted:
             pass
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             if self.reg.processes:
                 self.detach_all()
         if self.stop_signal and self.exit_status is None:
