@@ -103,24 +103,36 @@ def test_detach_while_threads_are_trapped(tmp_path, procs):
         assert target.returncode == -signal.SIGKILL
 
 
-def test_spawn_sigterm_removes_breakpoints_and_forwards(tmp_path, procs):
-    exe = build("loop", "O0-pie")
-    tracer = procs.start([*EMUPROBE, "trace", "--count", "loop_func", "--", str(exe), "0"])
-    assert wait_for(lambda: bool(children_of(tracer.pid)))
-    time.sleep(0.5)
+def test_spawn_sigterm_removes_breakpoints_and_forwards(procs):
+    tracer, _ = spawn_loop(procs)
     tracer.send_signal(signal.SIGTERM)
     out, err = tracer.communicate(timeout=30)
     # The command got the SIGTERM (strace does the same) and finished cleanly.
-    assert "checksum_ok=1" in out, err
+    assert "checksum_ok=1" in out, (tracer.returncode, err)
     assert tracer.returncode == 0
 
 
-def test_spawn_sigkill_of_emuprobe_kills_the_command(procs):
+def spawn_loop(procs):
+    """`emuprobe trace` a never-ending loop; (emuprobe, the loop's pid) once it runs."""
     exe = build("loop", "O0-pie")
     tracer = procs.start([*EMUPROBE, "trace", "--count", "loop_func", "--", str(exe), "0"])
-    assert wait_for(lambda: bool(children_of(tracer.pid)))
-    child = children_of(tracer.pid)[0]
+    def loop_child() -> list[int]:
+        return [c for c in children_of(tracer.pid) if _exe(c) == str(exe)]
+
+    assert wait_for(lambda: bool(loop_child()))
     time.sleep(0.3)
+    return tracer, loop_child()[0]
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def test_spawn_sigkill_of_emuprobe_kills_the_command(procs):
+    tracer, child = spawn_loop(procs)
     tracer.kill()
     tracer.wait(timeout=10)
     # PTRACE_O_EXITKILL: the command must not run on with unhandled int3s.
@@ -128,11 +140,7 @@ def test_spawn_sigkill_of_emuprobe_kills_the_command(procs):
 
 
 def test_group_stop_is_kept(procs):
-    exe = build("loop", "O0-pie")
-    tracer = procs.start([*EMUPROBE, "trace", "--count", "loop_func", "--", str(exe), "0"])
-    assert wait_for(lambda: bool(children_of(tracer.pid)))
-    child = children_of(tracer.pid)[0]
-    time.sleep(0.3)
+    tracer, child = spawn_loop(procs)
     os.kill(child, signal.SIGSTOP)
     assert wait_for(lambda: state(child) in "Tt")
     ticks = _cpu_ticks(child)

@@ -132,27 +132,26 @@ def test_shared_library_and_dlopen(tmp_path):
     assert hits(t) == {"pre_func": 40, "dl_func": 90}
 
 
+# fixture, probe, calls per image: followed (parent + fork child + exec'd
+# image), not followed (parent only), and how many PIDs report hits.
+FORKS = {
+    "forkexec": ("fe_func", (4, 2), (2, 1)),  # the fork child execs in place: 2 PIDs
+    "vfork": ("vf_func", (3, 2), (2, 1)),
+}
+
+
 @pytest.mark.parametrize("follow", [True, False])
-def test_fork_and_exec(tmp_path, follow):
-    exe = build("forkexec", "O0-pie")
-    n = 120
-    t = run_traced(tmp_path, ["fe_func"], [str(exe), str(n)], *([] if follow else ["--no-follow"]))
+@pytest.mark.parametrize("fixture", sorted(FORKS))
+def test_fork_vfork_and_exec(tmp_path, fixture, follow):
+    probe, per_n, npids = FORKS[fixture]
+    exe = build(fixture, "O0-pie")
+    n = 100
+    t = run_traced(tmp_path, [probe], [str(exe), str(n)], *([] if follow else ["--no-follow"]))
     assert t.status == 0, t.stderr
     assert t.stdout == run(exe, str(n)).stdout
-    assert hits(t)["fe_func"] == (4 * n if follow else 2 * n)
-    # The fork child execs in place, so following gives two PIDs.
+    assert hits(t)[probe] == per_n[0 if follow else 1] * n
     pids = {HIT_LINE.match(line).group(2) for line in t.events}  # type: ignore[union-attr]
-    assert len(pids) == (2 if follow else 1)
-
-
-@pytest.mark.parametrize("follow", [True, False])
-def test_vfork_and_exec(tmp_path, follow):
-    exe = build("vfork", "O0-pie")
-    n = 80
-    t = run_traced(tmp_path, ["vf_func"], [str(exe), str(n)], *([] if follow else ["--no-follow"]))
-    assert t.status == 0, t.stderr
-    assert t.stdout == run(exe, str(n)).stdout
-    assert hits(t)["vf_func"] == (3 * n if follow else 2 * n)
+    assert len(pids) == npids[0 if follow else 1]
 
 
 @pytest.mark.parametrize("mode", ["usr1", "sigtrap", "int3"])

@@ -9,7 +9,6 @@ per round trip).  Every function raises ``OSError`` with the errno on failure.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
@@ -35,7 +34,8 @@ __all__ = [
     "TRAP_BRKPT",
 ]
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Not ctypes.util.find_library: it runs ldconfig/gcc in a subprocess.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
 _ptrace.restype = ctypes.c_long

@@ -51,15 +51,20 @@ class Thread:
     comm: str = ""
 
 
-def tgid_of(tid: int) -> int | None:
+def _status_field(tid: int, field: str) -> int | None:
+    """An integer field of /proc/TID/status, None if the task is gone."""
     try:
         with open(f"/proc/{tid}/status") as f:
             for line in f:
-                if line.startswith("Tgid:"):
+                if line.startswith(field):
                     return int(line.split()[1])
     except OSError:
-        return None
+        pass
     return None
+
+
+def tgid_of(tid: int) -> int | None:
+    return _status_field(tid, "Tgid:")
 
 
 def thread_state(tid: int) -> str:
@@ -73,14 +78,7 @@ def thread_state(tid: int) -> str:
 
 
 def tracer_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("TracerPid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _status_field(pid, "TracerPid:") or 0
 
 
 def check_attachable(pid: int) -> None:
