@@ -17,6 +17,7 @@ from .breakpoints import ptrace
 from .breakpoints.maps import read_maps
 from .breakpoints.memory import ProcessMemory
 from .breakpoints.sites import AddressSpace, Probe
+from .breakpoints.strategies import DEFAULT, NAMES, Strategy
 from .breakpoints.targets import check_targets
 from .breakpoints.tracee import (
     TRACE_OPTIONS,
@@ -37,24 +38,32 @@ Handler = Callable[[ProbeEvent], None]
 
 class Tracer:
     def __init__(
-        self, argv: list[str] | None, pid: int | None, follow: bool = True
+        self,
+        argv: list[str] | None,
+        pid: int | None,
+        follow: bool = True,
+        strategy: Strategy = DEFAULT,
     ) -> None:
         require_supported()
+        if strategy not in NAMES:
+            raise ProbeError(f"unknown strategy {strategy!r}; one of: {', '.join(NAMES)}")
         self.argv = argv
         self.pid = pid
-        self.session = Session(follow=follow)
+        self.session = Session(follow=follow, strategy=strategy)
         self._specs: list[tuple[ProbeSpec, Probe]] = []
         self._probes: dict[str, Probe] = {}
 
     @classmethod
-    def spawn(cls, argv: list[str], follow: bool = True) -> Tracer:
+    def spawn(
+        cls, argv: list[str], follow: bool = True, strategy: Strategy = DEFAULT
+    ) -> Tracer:
         if not argv:
             raise ProbeError("no command to run")
-        return cls(list(argv), None, follow)
+        return cls(list(argv), None, follow, strategy)
 
     @classmethod
-    def attach(cls, pid: int) -> Tracer:
-        return cls(None, pid)
+    def attach(cls, pid: int, strategy: Strategy = DEFAULT) -> Tracer:
+        return cls(None, pid, strategy=strategy)
 
     def probe(self, spec: str | ProbeSpec, handler: Handler | None = None) -> Probe:
         """Add a probe; several calls with the same name share one Probe."""

@@ -12,6 +12,8 @@ import os
 import sys
 from typing import TextIO
 
+from .breakpoints.strategies import NAMES as STRATEGY_NAMES
+from .breakpoints.strategies import describe as describe_strategies
 from .errors import ProbeError
 
 TRACE_EPILOG = """\
@@ -25,7 +27,10 @@ examples:
   emuprobe trace -p 1234 'parse+4'          # attach; Ctrl-C detaches cleanly
   emuprobe trace --stats-json s.json ./app:0x401136 -- ./app
   emuprobe trace entry=work --no-follow -- ./server
-"""
+  emuprobe trace --count --strategy xol work -- ./app   # XOL, for comparison
+
+strategies (--strategy):
+""" + describe_strategies() + "\n"
 
 LIST_EPILOG = """\
 examples:
@@ -60,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--stats-json", metavar="FILE", help="write hit counts and exit status as JSON")
     t.add_argument("-o", "--output", metavar="FILE", help="write events to FILE instead of stdout")
     t.add_argument("--no-follow", action="store_true", help="do not trace forked children")
+    t.add_argument(
+        "--strategy",
+        choices=STRATEGY_NAMES,
+        default="emulate",
+        help="how the displaced instruction runs at each hit (inplace is UNSAFE: it"
+        " loses events in multi-threaded programs); see the list below",
+    )
     t.add_argument("probes", nargs="+", metavar="PROBE")
     ls = sub.add_parser(
         "list",
@@ -69,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("binary")
     ls.add_argument("glob", nargs="?", default="*")
+    b = sub.add_parser(
+        "bench",
+        help="run the benchmark suite (from a source checkout; same as python -m benchmarks)",
+        add_help=False,
+    )
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -87,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(args.binary, args.glob)
+        if args.command == "bench":
+            return _bench(args.bench_args + (["--", *command] if command else []))
         return _trace(args, command)
     except ProbeError as e:
         print(f"emuprobe: {e}", file=sys.stderr)
@@ -109,9 +129,9 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
     if args.pid is None and not command:
         raise ProbeError("nothing to trace: give -p PID or a command after '--'")
     tracer = (
-        Tracer.attach(args.pid)
+        Tracer.attach(args.pid, strategy=args.strategy)
         if args.pid is not None
-        else Tracer.spawn(command, follow=not args.no_follow)
+        else Tracer.spawn(command, follow=not args.no_follow, strategy=args.strategy)
     )
     out: TextIO = sys.stdout
     if args.output:
@@ -142,6 +162,21 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
         except OSError as e:
             raise ProbeError(f"cannot write {args.stats_json}: {e.strerror}") from e
     return status
+
+
+def _bench(argv: list[str]) -> int:
+    """`python -m benchmarks`: the suite lives beside the package in a checkout."""
+    import importlib
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path and (Path(root) / "benchmarks" / "__main__.py").exists():
+        sys.path.append(root)
+    try:
+        bench = importlib.import_module("benchmarks.__main__")
+    except ImportError as e:
+        raise ProbeError(f"emuprobe bench needs a source checkout with benchmarks/ ({e})") from e
+    return int(bench.main(argv))
 
 
 def _list(binary: str, glob: str) -> int:

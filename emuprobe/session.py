@@ -21,8 +21,11 @@ from .breakpoints.memory import ProcessMemory
 from .breakpoints.registry import Registry, is_interrupt_stop
 from .breakpoints.sites import AddressSpace, Probe, ProbeSite, SiteTable
 from .breakpoints.stepping import native_step, resume_after_step
+from .breakpoints.strategies import DEFAULT, Strategy
 from .breakpoints.targets import ImageCache, Target
 from .breakpoints.tracee import Process, Thread
+from .breakpoints.xol import Xol
+from .breakpoints.xolinsn import prepare
 from .emulator.decode import NativeStep, analyze
 from .emulator.execute import Emulated, Emulator
 from .errors import ProbeError
@@ -55,8 +58,15 @@ class _Interrupted(Exception):
 
 
 class Session:
-    def __init__(self, follow: bool = True, warn: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        follow: bool = True,
+        warn: Callable[[str], None] | None = None,
+        strategy: Strategy = DEFAULT,
+    ) -> None:
         self.follow = follow
+        self.strategy = strategy
+        self.xol = Xol()
         self.reg = Registry()
         self.sites = SiteTable()
         self.images = ImageCache()
@@ -263,17 +273,30 @@ class Session:
         self._execute(thread, site, addr, regs)
 
     def _execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
-        if not isinstance(site.plan, NativeStep):
+        strategy = self.strategy
+        followed = thread.process.followed
+        if strategy == "emulate" and type(site.plan) is not NativeStep:
             done = self.emulator.step(
                 site.plan, site.code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
             )
             if isinstance(done, Emulated):
                 ptrace.setregs(thread.tid, regs)
                 self.reg.resume(thread)
-                self._count(site, emulated=True, followed=thread.process.followed)
+                self._count(site, emulated=True, followed=followed)
                 return
-        outcome = native_step(self.reg, thread, addr, regs, getattr(site.plan, "rep", False))
-        self._count(site, emulated=False, followed=thread.process.followed)
+        elif strategy == "xol":
+            outcome = self.xol.step(self.reg, thread, site, addr, regs)
+            if outcome is not None:
+                self._count(site, emulated=False, followed=followed)
+                resume_after_step(self.reg, thread, outcome)
+                return
+        # A rep string op traps after every iteration: step it to completion
+        # whatever its plan (a NativeStep plan carries no rep flag).
+        rep = prepare(site.code).rep
+        outcome = native_step(
+            self.reg, thread, addr, regs, rep, stop_world=strategy != "inplace"
+        )
+        self._count(site, emulated=False, followed=followed)
         resume_after_step(self.reg, thread, outcome)
 
     def _count(self, site: ProbeSite, emulated: bool, followed: bool) -> None:
@@ -341,6 +364,7 @@ class Session:
             aspace.users += 1
         else:
             aspace = pproc.aspace.fork_copy(ProcessMemory(child))
+            self.xol.on_fork(pproc.aspace, aspace)
         proc = Process(child, aspace, followed=self.follow, comm=pproc.comm)
         if not self.follow and not vfork:
             self._release_fork_child(proc)

@@ -37,22 +37,32 @@ class StepOutcome:
 
 
 def native_step(
-    reg: Registry, thread: Thread, addr: int, regs: ptrace.UserRegs, repeats: bool = False
+    reg: Registry,
+    thread: Thread,
+    addr: int,
+    regs: ptrace.UserRegs,
+    repeats: bool = False,
+    stop_world: bool = True,
 ) -> StepOutcome:
     """Execute the instruction displaced at `addr` natively; regs.rip must be `addr`.
 
     `repeats`: a rep-prefixed string instruction, which traps after every
     iteration with RIP still at `addr`; it is stepped until RIP leaves.
+    `stop_world=False` is the naive in-place design (--strategy inplace): the
+    other threads keep running while the byte is restored, and any of them
+    that passes the site meanwhile is not seen.  It exists to show that loss.
     """
     aspace = thread.process.aspace
-    others = reg.stop_threads([t for t in reg.sharing(aspace) if t is not thread])
+    others = (
+        reg.stop_threads([t for t in reg.sharing(aspace) if t is not thread]) if stop_world else []
+    )
     outcome = StepOutcome()
     restored = False
     try:
         ptrace.setregs(thread.tid, regs)
         aspace.restore_byte(addr)
         restored = True
-        outcome = _step(reg, thread, addr, repeats)
+        outcome = single_step(reg, thread, addr, repeats)
     finally:
         # An exec inside the step replaced the mm: the old one is gone and the
         # new image must not get a stray int3.
@@ -65,7 +75,12 @@ def native_step(
     return outcome
 
 
-def _step(reg: Registry, thread: Thread, addr: int, repeats: bool) -> StepOutcome:
+def single_step(reg: Registry, thread: Thread, addr: int, repeats: bool = False) -> StepOutcome:
+    """Single-step `thread`, whose RIP is `addr`, until the instruction there has run.
+
+    Signals that arrive first are held back (see StepOutcome); the thread is
+    left in its step stop for the caller to fix up and resume.
+    """
     tid = thread.tid
     held: list[tuple[int, ptrace.SigInfo]] = []
     while True:
