@@ -1,0 +1,137 @@
+"""The comparison strategies (--strategy xol|inplace|stopworld) on real processes.
+
+Correctness comes from the fixtures themselves (firstinsn's checksum depends
+on the effect of every probed instruction; faults' on the real si_addr of
+every fault) compared with an untraced run.  The two differences the
+benchmarks measure are asserted here: xol adds exactly one VMA where the
+others add none, and inplace loses events in a multi-threaded program where
+the others lose none.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections import Counter
+
+import pytest
+
+from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
+from emuprobe.breakpoints.xolinsn import prepare
+from fixturebuild import FIRSTINSN_FUNCS, build, cpu_has, parse_counts, run
+
+COMPARED = ["xol", "inplace", "stopworld"]
+
+
+@pytest.mark.parametrize("variant", ["O0-pie", "O2-nopie"])
+@pytest.mark.parametrize("strategy", COMPARED)
+def test_firstinsn_exact_under_each_strategy(tmp_path, strategy, variant):
+    """Every kind of first instruction: branches, calls, ret, RIP-relative
+    loads and stores, fs:, SSE, lock, syscall, VEX.256."""
+    exe = build("firstinsn", variant)
+    n = 40
+    plain = run(exe, str(n))
+    probes = [f for f in FIRSTINSN_FUNCS if f != "f_vmovdqu" or cpu_has("avx2")]
+    t = run_traced(tmp_path, probes, [str(exe), str(n)], "--strategy", strategy)
+    assert t.status == 0, t.stderr
+    assert t.stdout == plain.stdout  # same checksum: every instruction took effect once
+    calls = parse_counts(plain.stdout)
+    assert hits(t) == {f: calls[f] for f in probes}
+    stats = t.stats["probes"]
+    assert all(stats[f]["emulated"] == 0 for f in probes)  # none went through the emulator
+
+
+@pytest.mark.parametrize("strategy", ["xol", "inplace"])
+def test_faults_are_real_under_strategy(tmp_path, strategy):
+    """A load that faults in the XOL slot (or in place) raises the real SIGSEGV
+    with the real si_addr, and the program recovers exactly as untraced."""
+    exe = build("faults", "O2-pie")
+    plain = run(exe, "40")
+    t = run_traced(tmp_path, ["f_load"], [str(exe), "40"], "--strategy", strategy)
+    assert t.status == 0, t.stderr
+    assert t.stdout == plain.stdout
+    assert hits(t) == {"f_load": 40}
+
+
+def test_xol_slot_rewrites():
+    """The kernel's riprel_analyze choices, and relative branches re-aimed at the slot."""
+    load = prepare(bytes.fromhex("488b05f92e0000"))  # mov rax, [rip+0x2ef9]
+    assert load.scratch == "rsi" and load.slot_code == bytes.fromhex("488b86f92e0000")
+    uses_rsi = prepare(bytes.fromhex("488b35f0000000"))  # mov rsi, [rip+0xf0]: modrm.reg=6
+    assert uses_rsi.scratch == "rdi" and uses_rsi.slot_code[2] == 0xB7
+    r14 = prepare(bytes.fromhex("4c8b35f0000000"))  # REX.R: reg 6 is r14, still avoided
+    assert r14.scratch == "rdi"
+    jcc = prepare(bytes.fromhex("0f8510000000"))
+    assert (jcc.kind, jcc.disp, jcc.slot_code) == ("cond", 16, bytes.fromhex("0f8501000000"))
+    call = prepare(bytes.fromhex("e8f0ffffff"))
+    assert (call.kind, call.disp) == ("call", -16)
+    assert prepare(bytes.fromhex("ff15f0000000")).kind == "call_indirect"
+    assert prepare(bytes.fromhex("f3a4")).rep
+    assert prepare(bytes.fromhex("0f05")).refused  # syscall goes native
+
+
+def _maps_when_paused(argv: list[str], started: list, traced: bool) -> list[str]:
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    started.append(p)
+    assert p.stdout is not None
+    for line in p.stdout:
+        if line.strip() == "PAUSED":
+            break
+    pid = p.pid
+    if traced:  # the fixture is emuprobe's child
+        assert wait_for(lambda: bool(children_of(p.pid)))
+        pid = children_of(p.pid)[0]
+    time.sleep(0.05)
+    with open(f"/proc/{pid}/maps") as f:
+        return [re.sub(r"\s+", " ", line.strip()) for line in f]
+
+
+def _shapes(maps: list[str]) -> Counter[str]:
+    """Each mapping without its address: size, perms, offset, file."""
+    out: Counter[str] = Counter()
+    for line in maps:
+        span, rest = line.split(" ", 1)
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        out[f"{hi - lo:#x} {rest}"] += 1
+    return out
+
+
+def test_vma_added_only_by_xol(tmp_path):
+    """maps after the hits, against an untraced run with the same layout."""
+    exe = build("firstinsn", "O0-pie")
+    norand = ["setarch", "-R"]
+    probes = ["f_riprel_load", "f_call", "f_push"]
+    started: list = []
+    try:
+        plain = _maps_when_paused([*norand, str(exe), "20", "pause"], started, False)
+        maps = {}
+        for strategy in ["emulate", *COMPARED]:
+            cmd = [*norand, *EMUPROBE, "trace", "--count", "--strategy", strategy, *probes]
+            maps[strategy] = _maps_when_paused([*cmd, "--", str(exe), "20", "pause"], started, True)
+    finally:
+        for p in started:
+            p.kill()
+            p.wait(timeout=10)
+    assert maps["emulate"] == maps["inplace"] == maps["stopworld"] == plain
+    # One anonymous r-x page, like the kernel's [uprobes].  It was mapped at the
+    # first hit (the dynamic linker's rendezvous, before libc was loaded), so
+    # with ASLR off it also moved every later mapping: compare shapes.
+    assert _shapes(maps["xol"]) - _shapes(plain) == Counter({"0x1000 r-xp 00000000 00:00 0": 1})
+    assert not _shapes(plain) - _shapes(maps["xol"])
+
+
+def test_inplace_loses_events_where_others_do_not(tmp_path):
+    """8 threads calling work(): without stopping the others, threads run
+    through the restored byte unseen.  The program still computes the same."""
+    exe = build("threads", "O2-pie")
+    m = 4000
+    expected = 8 * m
+    observed = {}
+    for strategy in ["emulate", *COMPARED]:
+        t = run_traced(tmp_path, ["work"], [str(exe), str(m)], "--strategy", strategy)
+        assert t.status == 0, t.stderr
+        assert f"counter={expected}" in t.stdout and parse_counts(t.stdout)["work"] == expected
+        observed[strategy] = hits(t)["work"]
+    assert observed["emulate"] == observed["xol"] == observed["stopworld"] == expected
+    assert observed["inplace"] < expected
