@@ -68,6 +68,11 @@ class Tracer:
     def probe(self, spec: str | ProbeSpec, handler: Handler | None = None) -> Probe:
         """Add a probe; several calls with the same name share one Probe."""
         parsed = spec if isinstance(spec, ProbeSpec) else parse_probe(spec)
+        if handler is not None and (parsed.retprobe or parsed.args):
+            # A handler here runs at the entry with raw registers.
+            raise ProbeError(
+                f"{parsed.text}: %return and fetch arguments need emuprobe.perfbridge.bridge.Bridge"
+            )
         probe = self._probes.get(parsed.name)
         if probe is None:
             probe = Probe(parsed.name, parsed.text)

@@ -15,6 +15,7 @@ from typing import TextIO
 from .breakpoints.strategies import NAMES as STRATEGY_NAMES
 from .breakpoints.strategies import describe as describe_strategies
 from .errors import ProbeError
+from .perfbridge import options as perf_options
 
 TRACE_EPILOG = """\
 PROBE is [NAME=][BINARY:]SYMBOL[+OFFSET] or [NAME=]BINARY:0xADDRESS.
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "trace",
         help="trace probes in a new command or a running process",
-        epilog=TRACE_EPILOG,
+        epilog=TRACE_EPILOG + "\n" + perf_options.EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     t.add_argument("-p", "--pid", type=int, help="attach to this running process")
@@ -72,7 +73,8 @@ def _parser() -> argparse.ArgumentParser:
         help="how the displaced instruction runs at each hit (inplace is UNSAFE: it"
         " loses events in multi-threaded programs); see the list below",
     )
-    t.add_argument("probes", nargs="+", metavar="PROBE")
+    perf_options.add_arguments(t)
+    t.add_argument("probes", nargs="*", metavar="PROBE")
     ls = sub.add_parser(
         "list",
         help="list probe-able functions of a binary",
@@ -123,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 def _trace(args: argparse.Namespace, command: list[str]) -> int:
     from .api import Tracer
     from .output import LinePrinter, count_table, stats_json
+    from .perfbridge import frontend
 
     if args.pid is not None and command:
         raise ProbeError("give either -p PID or a command after '--', not both")
@@ -139,16 +142,25 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
             out = open(args.output, "w")  # noqa: SIM115 - closed below
         except OSError as e:
             raise ProbeError(f"cannot write {args.output}: {e.strerror}") from e
-    printer = None if args.count else LinePrinter(out)
-    for text in args.probes:
-        tracer.probe(text, printer)
+    front = None
+    if frontend.wanted(args):
+        front = frontend.TraceFrontend(args, out, frontend.parse_specs(args))
+        front.attach(tracer)
+    else:
+        if not args.probes:
+            raise ProbeError("no probes: give PROBE arguments or --events FILE")
+        printer = None if args.count else LinePrinter(out)
+        for text in args.probes:
+            tracer.probe(text, printer)
     try:
         status = tracer.run()
     finally:
+        if front is not None:
+            front.finish()
         out.flush()
     if args.count:
         table = count_table(tracer.probes)
-        print(table, file=out if args.output else sys.stderr)
+        print(table, file=out if args.output and args.format == "text" else sys.stderr)
     for p in tracer.probes:
         if p.handler_errors > 1:
             print(f"emuprobe: probe '{p.name}': handler raised {p.handler_errors} times",

@@ -9,13 +9,16 @@ from .breakpoints.sites import Probe
 from .events import ProbeEvent
 
 
+def perf_header(comm: str, pid: int, tid: int, timestamp_ns: int) -> str:
+    """`COMM PID/TID SECONDS.USEC:`, the start of every `perf script` line."""
+    sec, nsec = divmod(timestamp_ns, 1_000_000_000)
+    return f"{comm:>16} {pid:>7}/{tid:<7} {sec:>6}.{nsec // 1000:06d}:"
+
+
 def hit_line(event: ProbeEvent) -> str:
     """`COMM PID/TID SECONDS.USEC: NAME: (0xADDRESS)`, as `perf script` prints a uprobe."""
-    sec, nsec = divmod(event.timestamp_ns, 1_000_000_000)
-    return (
-        f"{event.comm:>16} {event.pid:>7}/{event.tid:<7} {sec:>6}.{nsec // 1000:06d}: "
-        f"{event.probe.name}: ({event.address:#x})"
-    )
+    head = perf_header(event.comm, event.pid, event.tid, event.timestamp_ns)
+    return f"{head} {event.probe.name}: ({event.address:#x})"
 
 
 class LinePrinter:

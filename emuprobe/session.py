@@ -79,6 +79,14 @@ class Session:
         self._waiting = False
         self._warn = warn or (lambda msg: print(f"emuprobe: {msg}", file=sys.stderr))
         self._warned: set[str] = set()
+        # Hooks for perfbridge: callbacks when a process is first planted;
+        # work queued by a handler to run once the current hit's instruction
+        # has executed (e.g. removing the int3 just hit); and a judge for a
+        # SIGTRAP at an address with no site (an int3 removed after a thread
+        # hit it: True means rewind and resume, it was ours).
+        self.on_start: list[Callable[[Process], None]] = []
+        self.after_hit: list[Callable[[], None]] = []
+        self.stray_trap: Callable[[Thread, int], bool] | None = None
         self._rendezvous = Probe("rendezvous", RENDEZVOUS_SYMBOL, internal=True)
         self._rendezvous.handlers.append(self._on_rendezvous)
         self._regs = ptrace.UserRegs()
@@ -89,6 +97,8 @@ class Session:
         self.reg.add_process(proc)
         proc.read_comm()
         self.plant_all(proc, strict=True)
+        for hook in self.on_start:
+            hook(proc)
 
     def plant_all(self, proc: Process, strict: bool = False) -> None:
         """Plant the sites of every probe whose file `proc` maps.
@@ -265,12 +275,19 @@ class Session:
         if site is None or (
             site.length == 1 and ptrace.getsiginfo(tid).si_code != ptrace.SI_KERNEL
         ):
+            if site is None and self.stray_trap is not None and self.stray_trap(thread, addr):
+                regs.rip = addr
+                ptrace.setregs(tid, regs)
+                self.reg.resume(thread)
+                return
             self.reg.resume(thread, signal.SIGTRAP)  # the program's own trap
             return
         regs.rip = addr
         if thread.process.followed:
             self._report(thread, site, regs)
         self._execute(thread, site, addr, regs)
+        while self.after_hit:
+            self.after_hit.pop(0)()
 
     def _execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
         strategy = self.strategy

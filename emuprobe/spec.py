@@ -1,17 +1,22 @@
 """emuprobe's own PROBE syntax, parsed without touching any file or process.
 
-    PROBE := [NAME=][BINARY:]SYMBOL[+OFFSET]  |  [NAME=]BINARY:0xADDRESS
+    PROBE := LOCATION[%return] [FETCHARG ...]
+    LOCATION := [NAME=][BINARY:]SYMBOL[+OFFSET]  |  [NAME=]BINARY:0xADDRESS
 
 BINARY is a path (contains "/") or a library name as mapped in the target
 ("libc", "libm.so.6").  It is omitted for the main executable.  ADDRESS is the
-ELF virtual address as `nm` prints it.  Resolution happens elsewhere; a parse
-error quotes the spec and points at the offending column.
+ELF virtual address as `nm` prints it.  `%return` makes a return probe;
+FETCHARGs use the kernel's grammar (perfbridge/fetchargs.py), as tracefs and
+`perf probe` do.  Resolution happens elsewhere; a parse error quotes the spec
+and points at the offending column.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import ProbeError
 
@@ -28,6 +33,9 @@ class ProbeSpec:
     symbol: str | None  # None when `address` is given
     offset: int = 0
     address: int | None = None
+    retprobe: bool = False  # fire at the function's return, not at LOCATION
+    args: tuple[Any, ...] = ()  # perfbridge.fetchargs.FetchArg, fetched at each hit
+    file_offset: int | None = None  # instead of `address`: an offset in BINARY (tracefs form)
 
 
 def spec_error(text: str, column: int, message: str) -> ProbeError:
@@ -45,10 +53,31 @@ def parse_probe(text: str) -> ProbeSpec:
     """Parse one PROBE argument into a ProbeSpec (pure: resolves nothing)."""
     if not text or text.strip() != text:
         raise spec_error(text, 0, "empty probe or surrounding spaces")
-    body, name, col = text, None, 0
-    eq = text.find("=")
+    location, _, args_text = text.partition(" ")
+    retprobe = location.endswith(RETURN_SUFFIX)
+    spec = _parse_location(text, location.removesuffix(RETURN_SUFFIX))
+    if retprobe:
+        if spec.offset:
+            raise spec_error(text, 0, "a return probe must be on a function's entry (no +OFFSET)")
+        default = spec.name == (spec.symbol or f"{spec.address:#x}")
+        name = f"{spec.name}__return" if default else spec.name  # perf probe's naming
+        spec = dataclasses.replace(spec, name=name, retprobe=True)
+    if args_text:
+        from .perfbridge.fetchargs import parse_fetchargs  # it imports spec_error from here
+
+        args = parse_fetchargs(text, args_text, len(location) + 1, retprobe)
+        spec = dataclasses.replace(spec, args=args)
+    return spec
+
+
+RETURN_SUFFIX = "%return"
+
+
+def _parse_location(text: str, body: str) -> ProbeSpec:
+    name, col = None, 0
+    eq = body.find("=")
     if eq >= 0:
-        name, body, col = text[:eq], text[eq + 1 :], eq + 1
+        name, body, col = body[:eq], body[eq + 1 :], eq + 1
         if not _NAME.match(name):
             raise spec_error(text, 0, f"event name '{name}' must be an identifier")
     # The location separator is the last ':' — paths may contain ':' rarely,

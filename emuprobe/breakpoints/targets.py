@@ -61,7 +61,10 @@ class Target:
         got = self._resolved.get(image.identity)
         if got is None:
             s = self.spec
-            got = image.resolve(s.symbol, s.offset, s.address)
+            address = s.address
+            if s.file_offset is not None:  # tracefs names a file offset, as the kernel does
+                address = image.offset_to_vaddr(s.file_offset)
+            got = image.resolve(s.symbol, s.offset, address)
             self._resolved[image.identity] = got
         return got
 

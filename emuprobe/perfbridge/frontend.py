@@ -1,0 +1,122 @@
+"""`emuprobe trace` options that come from perf: definitions, stacks, aggregations,
+kernel events and exports.  cli.py adds these options and hands the run to TraceFrontend.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from ..api import Tracer
+from ..errors import ProbeError
+from ..spec import ProbeSpec, parse_probe
+from .aggregate import Aggregator, check_names
+from .bridge import Bridge
+from .export import ChromeWriter, FoldedWriter, JsonlWriter, TextWriter
+from .options import DEFAULT_DEPTH
+from .record import Record
+from .spec import parse_perf_probe, read_events_file
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    """Whether this run needs the bridge (else the plain counting/printing path serves)."""
+    return bool(
+        args.perf_binary or args.events or args.stack or args.by or args.hist
+        or args.kernel_events or args.format != "text"
+        or any(s.retprobe or s.args for s in _own_specs(args))
+    )
+
+
+def _own_specs(args: argparse.Namespace) -> list[ProbeSpec]:
+    return [] if args.perf_binary else [parse_probe(p) for p in args.probes]
+
+
+def parse_specs(args: argparse.Namespace) -> list[ProbeSpec]:
+    """Every definition on the command line and in --events, parsed before anything runs."""
+    if args.perf_binary:
+        specs = [parse_perf_probe(p, args.perf_binary) for p in args.probes]
+    else:
+        specs = _own_specs(args)
+    if args.events:
+        specs += read_events_file(args.events)
+    if not specs:
+        raise ProbeError("no probes: give PROBE arguments or --events FILE")
+    if args.by and not args.count:
+        raise ProbeError("--by NAME goes with --count")
+    check_names(args.by, args.hist, {a.name for s in specs for a in s.args})
+    return specs
+
+
+class TraceFrontend:
+    """Wires a Tracer to the bridge, the sinks and (with -k) the kernel events."""
+
+    def __init__(self, args: argparse.Namespace, out: TextIO, specs: list[ProbeSpec]) -> None:
+        self.args = args
+        self.specs = specs
+        self.out = out
+        fmt = args.format
+        self.writer: Any = None
+        if fmt == "perf-script" or (fmt == "text" and not (args.count or args.hist)):
+            # --count and --hist are summaries: no line per event unless asked.
+            self.writer = TextWriter(out, stacks=bool(args.stack) or fmt == "perf-script")
+        elif fmt == "chrome":
+            self.writer = ChromeWriter(out)
+        elif fmt == "folded":
+            self.writer = FoldedWriter(out)
+        elif fmt == "jsonl":
+            self.writer = JsonlWriter(out)
+        self.aggregator = Aggregator(args.by, args.hist) if (args.by or args.hist) else None
+        depth = args.stack or (DEFAULT_DEPTH if fmt in ("perf-script", "folded") else 0)
+        self.depth = depth
+        self.kernel: Any = None
+
+    def attach(self, tracer: Tracer) -> None:
+        sinks = [s for s in (self.writer, self.aggregator) if s is not None]
+        if not sinks and not self.args.kernel_events:
+            for spec in self.specs:  # counting only: no handler, C may take the hits
+                tracer.probe(spec)
+            return
+        unwind = None
+        if self.depth:
+            from .unwind import Unwinder
+
+            unwind = Unwinder(tracer.session, self.depth).unwind
+        sink = self._fan_out(sinks)
+        if self.args.kernel_events:
+            from .kevents import KernelEvents, Merger
+
+            merger = Merger(sink)
+            self.kernel = KernelEvents(self.args.kernel_events, merger.push_kernel)
+            tracer.session.on_start.append(self.kernel.open_for)
+            sink = merger.push
+            self.merger = merger
+        bridge = Bridge(tracer, sink, unwind)
+        for spec in self.specs:
+            bridge.add(spec)
+        self.bridge = bridge
+
+    @staticmethod
+    def _fan_out(sinks: list[Any]) -> Any:
+        if len(sinks) == 1:
+            return sinks[0]
+
+        def fan(rec: Record) -> None:
+            for s in sinks:
+                s(rec)
+
+        return fan
+
+    def finish(self) -> None:
+        """After the run: drain kernel events, close exports, print summaries."""
+        if self.kernel is not None:
+            self.kernel.close()
+            self.merger.flush_all()
+        if self.writer is not None:
+            self.writer.close()
+        if self.aggregator is not None:
+            self.aggregator.check_used()
+            report = self.aggregator.report()
+            if report:
+                to_out = self.args.output and self.args.format == "text"
+                print(report, file=self.out if to_out else sys.stderr)
