@@ -140,9 +140,14 @@ class KernelUprobes:
         return list(self._events)
 
     def add(
-        self, path: str, file_offset: int, name: str | None = None, retprobe: bool = False
+        self,
+        path: str,
+        file_offset: int,
+        name: str | None = None,
+        retprobe: bool = False,
+        args: str = "",
     ) -> str:
-        """Register ``p:GROUP/NAME PATH:0xOFF`` (``r:`` for a return probe).
+        """Register ``p:GROUP/NAME PATH:0xOFF [ARGS]`` (``r:`` for a return probe).
 
         ``file_offset`` is an offset in the file, not an ELF vaddr.  Returns
         the event name.  The kernel decodes the instruction only when it
@@ -161,7 +166,8 @@ class KernelUprobes:
         if name in self._events:
             raise ValueError(f"event {name!r} already added to group {self.group}")
         kind = "r" if retprobe else "p"
-        _append(self._file("uprobe_events"), f"{kind}:{self.group}/{name} {path}:0x{file_offset:x}")
+        line = f"{kind}:{self.group}/{name} {path}:0x{file_offset:x} {args}".rstrip()
+        _append(self._file("uprobe_events"), line)
         if not self._events and not self._atexit:
             # A safety net for a caller that adds and then never enters or
             # leaves the with block: nothing outlives this process.
@@ -300,3 +306,46 @@ def _parse_def(line: str) -> tuple[str, str]:
     _, _, ident = head.partition(":")
     group, _, event = ident.partition("/")
     return group, event
+
+
+class TraceInstance:
+    """A private tracefs ring buffer (``instances/NAME``) that exists for the ``with`` block.
+
+    Events enabled here are recorded only here, so reading the trace never
+    sees other tools' events and nobody else's buffer is cleared.  Leaving
+    disables what was enabled and removes the instance.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name or f"emuprobe_{os.getpid()}_{id(self):x}"
+        self.dir = os.path.join(tracefs_dir(), "instances", self.name)
+        self._enabled: list[str] = []
+
+    def __enter__(self) -> TraceInstance:
+        os.mkdir(self.dir)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for path in self._enabled:
+            try:
+                _write(path, "0")
+            except OSError:
+                pass
+        for _ in range(50):  # the buffer may still be busy for a moment
+            try:
+                os.rmdir(self.dir)
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                time.sleep(0.02)
+
+    def enable(self, group: str, event: str) -> None:
+        path = os.path.join(self.dir, "events", group, event, "enable")
+        _write(path, "1")
+        self._enabled.append(path)
+
+    def lines(self) -> list[str]:
+        """The recorded events, one trace line each (header comments dropped)."""
+        with open(os.path.join(self.dir, "trace"), errors="replace") as f:
+            return [ln.rstrip("\n") for ln in f if ln.strip() and not ln.startswith("#")]

@@ -153,7 +153,11 @@ class ReturnTracker:
         entries = self._pending.setdefault(event.tid, [])
         # Live frames all lie at or above this one: anything deeper was left
         # without a return (longjmp, an exception, a thread reusing the tid).
-        self._drop(entries, lambda e: e.sp < sp or e.aspace is not aspace)
+        # The same function entered again at the same rsp from the same call
+        # site is a re-entry after a longjmp, not a self tail call (compilers
+        # turn those into loops).
+        self._drop(entries, lambda e: e.sp < sp or e.aspace is not aspace
+                   or (e.sp == sp and e.ret == ret and e.spec is spec))
         if self.sites.hold(aspace, ret):
             entries.append(_Entry(spec, aspace, sp, ret, event.address, event.timestamp_ns))
 
