@@ -1,10 +1,10 @@
-"""Per-hit cost of a counting probe, by kind of displaced instruction.
+"""Per-hit cost of a counting probe, by tool and by kind of displaced instruction.
 
-    python -m benchmarks.perhit [--calls N] [--runs R] [KIND ...]
+    python -m benchmarks.perhit [--calls N] [--runs R] [KIND ...]   (emuprobe only)
 
-For each kind, times `hot KIND N` untraced and under `emuprobe trace --count`
-R times and reports the median of (traced - untraced) / N, in microseconds.
-The fixture is compiled here with gcc; nothing is cached between runs.
+Each figure is the median over R runs of (T(N) - T(0)) / N minus the untraced
+cost of one call, where T is the wall time of `hot KIND N` under the tool: the
+tool's start-up and the work itself cancel, what is left is the cost of a hit.
 """
 
 from __future__ import annotations
@@ -15,55 +15,94 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-KINDS = {"push": "h_push", "endbr": "h_endbr", "riprel": "h_riprel",
-         "addsd": "h_addsd", "lockxadd": "h_lockxadd"}
+from .build import SITES, Built, build_all
+from .tools import STRATEGIES, Tool, strategy_tool
+
+PIN = ["taskset", "-c", "0"]
 
 
-def build(out: Path) -> Path:
-    exe = out / "hot"
-    subprocess.run(["gcc", "-O2", "-o", str(exe), str(HERE / "fixtures" / "hot.c")], check=True)
-    return exe
+@dataclass
+class Cell:
+    tool: str
+    kind: str
+    us: float | None  # median µs per hit; None: not measured (see note)
+    samples: list[float] = field(default_factory=list)
+    calls: int = 0
+    note: str = ""
 
 
-def timed(argv: list[str]) -> float:
+class Failed(Exception):
+    pass
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
+    """Wall seconds and stdout+stderr of one run, which must succeed."""
     t0 = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    done = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900)
+    seconds = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise Failed(f"{' '.join(argv[:6])}...: exit {done.returncode}: {done.stderr[-300:]}")
+    return seconds, done.stdout + done.stderr
 
 
-def per_hit_us(exe: Path, kind: str, calls: int, runs: int) -> tuple[float, float]:
-    """(median µs per hit, median untraced µs per call) over `runs` paired runs."""
-    base = [timed([str(exe), kind, str(calls)]) for _ in range(runs)]
-    traced = [
-        timed([sys.executable, "-m", "emuprobe", "trace", "--count", KINDS[kind], "--",
-               str(exe), kind, str(calls)])
-        for _ in range(runs)
-    ]
-    # Start-up (Python, ELF parsing) is measured with 0 calls and taken off.
-    startup = [
-        timed([sys.executable, "-m", "emuprobe", "trace", "--count", KINDS[kind], "--",
-               str(exe), kind, "0"])
-        for _ in range(runs)
-    ]
-    cost = (statistics.median(traced) - statistics.median(startup)) / calls * 1e6
-    return cost, statistics.median(base) / calls * 1e6
+def untraced_us(built: Built, kind: str, calls: int, runs: int, pin: bool) -> float:
+    """The cost of one call of the probed function with nothing attached."""
+    pre = PIN if pin else []
+    full = [timed([*pre, str(built.hot), kind, str(calls)])[0] for _ in range(runs)]
+    zero = [timed([*pre, str(built.hot), kind, "0"])[0] for _ in range(runs)]
+    return max(0.0, (statistics.median(full) - statistics.median(zero)) / calls * 1e6)
+
+
+def measure(
+    tool: Tool,
+    kind: str,
+    calls: int,
+    runs: int,
+    base_us: float,
+    pin: bool,
+    check: Callable[[str, int], str] | None = None,
+) -> Cell:
+    """Per-hit cost of `tool` on `kind`; `check(output, calls)` returns a note
+    when the run did not see `calls` hits (then nothing is timed)."""
+    n = max(100, int(calls * tool.calls_scale))
+    pre = PIN if pin else []
+    samples = []
+    try:
+        for _ in range(runs):
+            t0, _out = timed([*pre, *tool.argv(kind, 0)], tool.env)
+            t1, out = timed([*pre, *tool.argv(kind, n)], tool.env)
+            note = check(out, n) if check is not None else ""
+            if note:
+                return Cell(tool.name, kind, None, calls=n, note=note)
+            samples.append((t1 - t0) / n * 1e6 - base_us)
+    except Failed as e:
+        return Cell(tool.name, kind, None, calls=n, note=str(e))
+    return Cell(tool.name, kind, statistics.median(samples), samples, n)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=20000)
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("kinds", nargs="*", default=["push", "riprel", "addsd", "lockxadd"])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-pin", action="store_true", help="do not pin everything to CPU 0")
+    ap.add_argument("kinds", nargs="*", default=list(SITES))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        exe = build(Path(d))
-        print(f"{'kind':<10} {'µs/hit (traced)':>16} {'µs/call (untraced)':>19}")
+        built = build_all(Path(d))
+        print(f"{'kind':<11}" + "".join(f"{s:>11}" for s in STRATEGIES) + "   µs per hit")
         for kind in args.kinds:
-            cost, base = per_hit_us(exe, kind, args.calls, args.runs)
-            print(f"{kind:<10} {cost:>16.2f} {base:>19.4f}")
+            base = untraced_us(built, kind, args.calls, args.runs, not args.no_pin)
+            cells = [
+                measure(strategy_tool(built, s), kind, args.calls, args.runs, base,
+                        not args.no_pin)
+                for s in STRATEGIES
+            ]
+            print(f"{kind:<11}" + "".join(
+                f"{c.us:>11.2f}" if c.us is not None else f"{'-':>11}" for c in cells))
     return 0
 
 

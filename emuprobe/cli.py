@@ -83,12 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("binary")
     ls.add_argument("glob", nargs="?", default="*")
-    b = sub.add_parser(
-        "bench",
-        help="run the benchmark suite (from a source checkout; same as python -m benchmarks)",
-        add_help=False,
+    # listed for --help only: main() hands `bench ...` to the suite before parsing
+    sub.add_parser(
+        "bench", help="run the benchmark suite (from a source checkout; = python -m benchmarks)"
     )
-    b.add_argument("bench_args", nargs=argparse.REMAINDER)
     return p
 
 
@@ -102,13 +100,18 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
+    if args_in[:1] == ["bench"]:
+        # The suite parses its own options (argparse.REMAINDER cannot pass --help on).
+        try:
+            return _bench(args_in[1:])
+        except ProbeError as e:
+            print(f"emuprobe: {e}", file=sys.stderr)
+            return 2
     ours, command = _split_command(args_in)
     args = _parser().parse_args(ours)
     try:
         if args.command == "list":
             return _list(args.binary, args.glob)
-        if args.command == "bench":
-            return _bench(args.bench_args + (["--", *command] if command else []))
         return _trace(args, command)
     except ProbeError as e:
         print(f"emuprobe: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any
 
 from .breakpoints import ptrace
 from .breakpoints.elfimage import ElfImage
+from .breakpoints.hotloop import HotLoop
 from .breakpoints.memory import ProcessMemory
 from .breakpoints.registry import Registry, is_interrupt_stop
 from .breakpoints.sites import AddressSpace, Probe, ProbeSite, SiteTable
@@ -67,7 +68,10 @@ class Session:
         self.follow = follow
         self.strategy = strategy
         self.xol = Xol()
+        # The compiled loop only ever runs FastPath emulation: emulate alone uses it.
+        self.hot = HotLoop.load() if strategy == "emulate" else None
         self.reg = Registry()
+        self.reg.hot = self.hot
         self.sites = SiteTable()
         self.images = ImageCache()
         self.targets: list[Target] = []
@@ -182,6 +186,8 @@ class Session:
         except _Interrupted:
             pass
         finally:
+            if self.hot is not None:
+                self.hot.sync()
             if self.reg.processes:
                 self.detach_all()
         if self.stop_signal and self.exit_status is None:
@@ -201,7 +207,7 @@ class Session:
         try:
             if self.stop_signal:
                 raise _Interrupted()
-            got = self.reg.reap()
+            got = self.reg.reap() if self.hot is None else self.reg.reap_hot()
         finally:
             self._waiting = False
         return got
@@ -300,6 +306,8 @@ class Session:
                 ptrace.setregs(thread.tid, regs)
                 self.reg.resume(thread)
                 self._count(site, emulated=True, followed=followed)
+                if self.hot is not None and followed:
+                    self.hot.offer(thread, site, addr, regs)
                 return
         elif strategy == "xol":
             outcome = self.xol.step(self.reg, thread, site, addr, regs)
@@ -417,6 +425,10 @@ class Session:
         old.users -= 1
         if old.users <= 0:
             old.memory.close()
+            if self.hot is not None:
+                self.hot.forget(old)
+        if self.hot is not None:
+            self.hot.unbind(thread.tid)  # its int3s and stack are in the new image now
         proc.aspace = AddressSpace(ProcessMemory(proc.pid))
         thread.comm = ""
         proc.read_comm()

@@ -10,6 +10,7 @@ the others lose none.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -18,7 +19,10 @@ from collections import Counter
 import pytest
 
 from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
+from emuprobe.api import Tracer
+from emuprobe.breakpoints.hotloop import HotLoop
 from emuprobe.breakpoints.xolinsn import prepare
+from emuprobe.emulator import trust
 from fixturebuild import FIRSTINSN_FUNCS, build, cpu_has, parse_counts, run
 
 COMPARED = ["xol", "inplace", "stopworld"]
@@ -135,3 +139,35 @@ def test_inplace_loses_events_where_others_do_not(tmp_path):
         observed[strategy] = hits(t)["work"]
     assert observed["emulate"] == observed["xol"] == observed["stopworld"] == expected
     assert observed["inplace"] < expected
+
+
+HOT_CLASSES = ["push r64", "mov r64,r64", "call imm", "jmp imm", "endbr64", "mov r64,m64"]
+HOT_PROBES = ["f_push", "f_movrr", "f_call", "f_jmp", "c_func", "f_riprel_load"]
+
+
+@pytest.mark.skipif(HotLoop.load() is None, reason="the compiled hot loop is not built")
+def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, capfd):
+    """With these classes trusted, the FastPath sites run in C after their first
+    hit; the program's checksum and every count equal the Python path's."""
+    table = tmp_path / "trust.json"
+    table.write_text(json.dumps({"min_cases": 1, "classes": dict.fromkeys(HOT_CLASSES, 1)}))
+    monkeypatch.setenv(trust.ENV_FILE, str(table))
+    trust.table.cache_clear()
+    exe = build("firstinsn", "O0-cet")  # c_func starts with endbr64
+    n = 500
+    plain = run(exe, str(n)).stdout
+    seen = {}
+    try:
+        for hot in ("1", "0"):
+            monkeypatch.setenv("EMUPROBE_HOTLOOP", hot)
+            t = Tracer.spawn([str(exe), str(n)])
+            for p in HOT_PROBES:
+                t.probe(p)
+            assert t.run() == 0
+            assert capfd.readouterr().out == plain
+            seen[hot] = {p.name: (p.hits, p.emulated, p.native_fallback) for p in t.probes}
+            if hot == "1":
+                assert t.session.hot is not None and t.session.hot.handled() > 4 * n
+    finally:
+        trust.table.cache_clear()
+    assert seen["1"] == seen["0"] == {p: (n, n, 0) for p in HOT_PROBES}

@@ -14,6 +14,7 @@ import time
 from collections import deque
 
 from . import ptrace
+from .hotloop import HotLoop
 from .sites import AddressSpace
 from .tracee import Process, Thread, thread_state
 
@@ -43,6 +44,8 @@ class Registry:
         # While detaching, nothing may run again: resumes are recorded here
         # (tid -> signal owed) instead of being made.
         self.hold: dict[int, int] | None = None
+        # The compiled hot loop, if the session uses one: told when a tid goes.
+        self.hot: HotLoop | None = None
 
     # -- bookkeeping -------------------------------------------------------
     def add_process(self, proc: Process) -> Process:
@@ -61,6 +64,8 @@ class Registry:
         thread = self.threads.pop(tid, None)
         if thread is not None:
             thread.process.threads.discard(tid)
+        if self.hot is not None:
+            self.hot.unbind(tid)  # the tid may be reused by another process
         return thread
 
     def remove_process(self, proc: Process) -> None:
@@ -90,10 +95,22 @@ class Registry:
             return None
         if got == 0:
             return None
-        thread = self.threads.get(got)
+        self.note(got, status)
+        return got, status
+
+    def reap_hot(self) -> Status | None:
+        """reap() through the compiled hot loop, which handles the hits it can itself."""
+        assert self.hot is not None
+        got = self.hot.wait()
+        if got is not None:
+            self.note(*got)
+        return got
+
+    def note(self, tid: int, status: int) -> None:
+        """Book a reaped status: a stopped thread stays stopped until resumed."""
+        thread = self.threads.get(tid)
         if thread is not None and os.WIFSTOPPED(status):
             thread.stopped = True
-        return got, status
 
     def resume(self, thread: Thread, sig: int = 0) -> None:
         if self.hold is not None:

@@ -1,0 +1,256 @@
+/* The compiled hot loop: waitpid and the commonest probe hits, without Python.
+ *
+ * Why: a counting probe's hit is four or five syscalls (waitpid, GETREGS,
+ * [GETSIGINFO], [POKEDATA], SETREGS, CONT).  From Python ctypes the bare loop
+ * already costs 1.9x the same loop in C (benchmarks/, ARCHITECTURE.md), so the
+ * engine cannot reach its per-hit target in Python at all.
+ *
+ * What: hot_wait() reaps stops; a plain SIGTRAP stop of a thread bound to an
+ * address space, at a site registered in it, is handled here and counted, and
+ * the loop goes on.  Anything else (another stop, an unknown thread or site,
+ * a store outside the ranges known to be writable, any failure) is returned
+ * to Python untouched, which handles it as if this loop did not exist.
+ * Python registers only sites whose FastPath it has just executed itself, and
+ * only for probes without handlers, so the semantics are FastPath's:
+ * session.py and emulator/fastpath.py stay the reference.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/ptrace.h>
+#include <sys/types.h>
+#include <sys/user.h>
+#include <sys/wait.h>
+
+#define HOT_NOP 0
+#define HOT_PUSH 1
+#define HOT_MOV 2
+#define HOT_JMP 3
+#define HOT_CALL 4
+
+#define TID_SLOTS 4096 /* open addressing, power of two */
+#define SITE_SLOTS 8192
+#define MAX_RANGES 64
+#define AC_FLAG 0x40000UL
+#define SI_KERNEL_CODE 0x80
+
+struct hot_site {
+    uint64_t addr; /* 0: empty */
+    int32_t aspace;
+    int32_t counter;
+    uint8_t op, len;
+    uint16_t src, dst; /* byte offsets into user_regs_struct */
+    uint64_t target;   /* jmp/call: the absolute target */
+};
+
+static int32_t tid_key[TID_SLOTS];
+static int32_t tid_val[TID_SLOTS];
+static struct hot_site sites[SITE_SLOTS];
+static int nsites;
+static struct { int32_t aspace; uint64_t lo, hi; } ranges[MAX_RANGES];
+static int nranges;
+
+static unsigned hash64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return (unsigned)x;
+}
+
+/* Thread -> address-space binding; tid 0 marks an empty slot, -1 a deleted one. */
+int hot_bind(int tid, int aspace)
+{
+    unsigned i = hash64((uint64_t)tid) & (TID_SLOTS - 1);
+    int free_at = -1;
+    for (int n = 0; n < TID_SLOTS; n++, i = (i + 1) & (TID_SLOTS - 1)) {
+        if (tid_key[i] == tid) {
+            tid_val[i] = aspace;
+            return 0;
+        }
+        if (tid_key[i] == -1 && free_at < 0)
+            free_at = (int)i;
+        if (tid_key[i] == 0) {
+            if (free_at < 0)
+                free_at = (int)i;
+            break;
+        }
+    }
+    if (free_at < 0)
+        return -1;
+    tid_key[free_at] = tid;
+    tid_val[free_at] = aspace;
+    return 0;
+}
+
+static int lookup_tid(int tid)
+{
+    unsigned i = hash64((uint64_t)tid) & (TID_SLOTS - 1);
+    for (int n = 0; n < TID_SLOTS; n++, i = (i + 1) & (TID_SLOTS - 1)) {
+        if (tid_key[i] == tid)
+            return tid_val[i];
+        if (tid_key[i] == 0)
+            return -1;
+    }
+    return -1;
+}
+
+void hot_unbind(int tid)
+{
+    unsigned i = hash64((uint64_t)tid) & (TID_SLOTS - 1);
+    for (int n = 0; n < TID_SLOTS; n++, i = (i + 1) & (TID_SLOTS - 1)) {
+        if (tid_key[i] == tid) {
+            tid_key[i] = -1;
+            return;
+        }
+        if (tid_key[i] == 0)
+            return;
+    }
+}
+
+static struct hot_site *find_site(int aspace, uint64_t addr, int insert)
+{
+    unsigned i = hash64(addr * 31 + (uint64_t)aspace) & (SITE_SLOTS - 1);
+    for (int n = 0; n < SITE_SLOTS; n++, i = (i + 1) & (SITE_SLOTS - 1)) {
+        struct hot_site *s = &sites[i];
+        if (s->addr == addr && s->aspace == aspace)
+            return s;
+        if (s->addr == 0)
+            return insert ? s : NULL;
+    }
+    return NULL;
+}
+
+int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
+                 uint64_t target, int counter)
+{
+    if (nsites >= SITE_SLOTS / 2)
+        return -1; /* keep the table sparse; the rest stay on the Python path */
+    struct hot_site *s = find_site(aspace, addr, 1);
+    if (s == NULL)
+        return -1;
+    if (s->addr == 0)
+        nsites++;
+    s->addr = addr;
+    s->aspace = aspace;
+    s->op = (uint8_t)op;
+    s->len = (uint8_t)len;
+    s->src = (uint16_t)src;
+    s->dst = (uint16_t)dst;
+    s->target = target;
+    s->counter = counter;
+    return 0;
+}
+
+/* [lo, hi) of `aspace` is a writable, non-executable mapping (Python checked
+ * it against /proc/PID/maps, as fastpath.store does). */
+int hot_add_range(int aspace, uint64_t lo, uint64_t hi)
+{
+    for (int i = 0; i < nranges; i++)
+        if (ranges[i].aspace == aspace && ranges[i].lo == lo && ranges[i].hi == hi)
+            return 0;
+    if (nranges >= MAX_RANGES)
+        return -1;
+    ranges[nranges].aspace = aspace;
+    ranges[nranges].lo = lo;
+    ranges[nranges].hi = hi;
+    nranges++;
+    return 0;
+}
+
+/* Forget everything about `aspace` (exec replaced it, or it is gone). */
+void hot_forget(int aspace)
+{
+    for (int i = 0; i < SITE_SLOTS; i++)
+        if (sites[i].addr && sites[i].aspace == aspace) {
+            sites[i].aspace = -1; /* a tombstone: keeps probe chains intact */
+        }
+    for (int i = 0; i < nranges;)
+        if (ranges[i].aspace == aspace)
+            ranges[i] = ranges[--nranges];
+        else
+            i++;
+}
+
+static int store_ok(int aspace, uint64_t addr)
+{
+    for (int i = 0; i < nranges; i++)
+        if (ranges[i].aspace == aspace && ranges[i].lo <= addr && addr + 8 <= ranges[i].hi)
+            return 1;
+    return 0;
+}
+
+#define REG(r, off) (*(unsigned long long *)((char *)(r) + (off)))
+
+/* 0 if the hit was handled (the thread is running again), -1 to hand it to Python. */
+static int handle(pid_t tid, uint64_t *counters)
+{
+    int aspace = lookup_tid(tid);
+    if (aspace < 0)
+        return -1;
+    struct user_regs_struct r;
+    if (ptrace(PTRACE_GETREGS, tid, 0, &r) < 0)
+        return -1;
+    struct hot_site *s = find_site(aspace, r.rip - 1, 0);
+    if (s == NULL || (r.eflags & AC_FLAG))
+        return -1;
+    if (s->len == 1) {
+        /* at site+1 a SIGTRAP the program sent itself looks the same */
+        siginfo_t si;
+        if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) < 0 || si.si_code != SI_KERNEL_CODE)
+            return -1;
+    }
+    uint64_t next = s->addr + s->len;
+    switch (s->op) {
+    case HOT_NOP:
+        r.rip = next;
+        break;
+    case HOT_MOV:
+        REG(&r, s->dst) = REG(&r, s->src);
+        r.rip = next;
+        break;
+    case HOT_JMP:
+        r.rip = s->target;
+        break;
+    case HOT_PUSH:
+    case HOT_CALL: {
+        uint64_t sp = r.rsp - 8;
+        uint64_t value = s->op == HOT_PUSH ? REG(&r, s->src) : next; /* push rsp: old value */
+        if (!store_ok(aspace, sp))
+            return -1;
+        if (ptrace(PTRACE_POKEDATA, tid, (void *)sp, (void *)value) < 0)
+            return -1;
+        r.rsp = sp;
+        r.rip = s->op == HOT_PUSH ? next : s->target;
+        break;
+    }
+    default:
+        return -1;
+    }
+    /* after the store nothing may be handed back: finish or report failure */
+    if (ptrace(PTRACE_SETREGS, tid, 0, &r) < 0)
+        return -1;
+    counters[s->counter]++;
+    if (ptrace(PTRACE_CONT, tid, 0, 0) < 0 && errno != ESRCH)
+        return -2;
+    return 0;
+}
+
+/* Reap stops until one needs Python.  Returns 1 (with tid and status set), or
+ * -errno (EINTR: a signal for Python; ECHILD: nothing left to wait for). */
+int hot_wait(int *tid, int *status, uint64_t *counters)
+{
+    for (;;) {
+        int st;
+        pid_t got = waitpid(-1, &st, __WALL);
+        if (got < 0)
+            return -errno;
+        if ((st & 0xffff) == ((SIGTRAP << 8) | 0x7f) && handle(got, counters) == 0)
+            continue;
+        *tid = got;
+        *status = st;
+        return 1;
+    }
+}

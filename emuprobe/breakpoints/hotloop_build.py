@@ -1,0 +1,38 @@
+"""cffi builder for emuprobe._hotloop (hotloop.c), run by `pip install` (setup.py).
+
+Also runnable by hand to build the module in place for a source checkout:
+    python emuprobe/breakpoints/hotloop_build.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    """
+    int hot_bind(int tid, int aspace);
+    void hot_unbind(int tid);
+    int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
+                     uint64_t target, int counter);
+    int hot_add_range(int aspace, uint64_t lo, uint64_t hi);
+    void hot_forget(int aspace);
+    int hot_wait(int *tid, int *status, uint64_t *counters);
+    """
+)
+ffibuilder.set_source(
+    "emuprobe._hotloop", (HERE / "hotloop.c").read_text(), extra_compile_args=["-O2"]
+)
+
+if __name__ == "__main__":
+    import shutil
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(ffibuilder.compile(tmpdir=tmp))
+        shutil.copy(built, HERE.parent / built.name)
+        print(HERE.parent / built.name)
