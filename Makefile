@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint check-platform clean
+.PHONY: demo test lint bench check-platform clean
 
 check-platform:
 	@[ "$$(uname -s)/$$(uname -m)" = "Linux/x86_64" ] || \
@@ -41,6 +41,19 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# The benchmark suite (not part of `make test`): matplotlib and rich from the
+# `bench` extra; the peers it compares with are installed when apt-get works
+# and skipped with a note otherwise.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	-command -v ltrace >/dev/null && command -v bpftrace >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq ltrace bpftrace gdb; } >/dev/null 2>&1
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD) $(VENV) .pytest_cache .mypy_cache .ruff_cache
