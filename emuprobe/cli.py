@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"emuprobe: {e}", file=sys.stderr)
             return 2
     ours, command = _split_command(args_in)
-    args = _parser().parse_args(ours)
+    args = _parser().parse_args(perf_options.normalize(ours))
     try:
         if args.command == "list":
             return _list(args.binary, args.glob)

@@ -9,9 +9,15 @@ from .breakpoints.sites import Probe
 from .events import ProbeEvent
 
 
-def perf_header(comm: str, pid: int, tid: int, timestamp_ns: int) -> str:
-    """`COMM PID/TID SECONDS.USEC:`, the start of every `perf script` line."""
+def perf_header(comm: str, pid: int, tid: int, timestamp_ns: int, pad: bool = True) -> str:
+    """`COMM PID/TID SECONDS.USEC:`, the start of every `perf script` line.
+
+    pad=False starts the line with COMM, as perf script does before a call
+    chain (stackcollapse-perf.pl takes an indented line for a frame).
+    """
     sec, nsec = divmod(timestamp_ns, 1_000_000_000)
+    if not pad:
+        return f"{comm} {pid:>7}/{tid:<7} {sec:>6}.{nsec // 1000:06d}:"
     return f"{comm:>16} {pid:>7}/{tid:<7} {sec:>6}.{nsec // 1000:06d}:"
 
 

@@ -33,7 +33,7 @@ class TextWriter:
         if not self.stacks:
             self.out.write(rec.line() + "\n")
             return
-        self.out.write("\n".join([rec.line(), *rec.stack_lines()]) + "\n\n")
+        self.out.write("\n".join([rec.line(pad=False), *rec.stack_lines()]) + "\n\n")
 
     def close(self) -> None:
         self.out.flush()

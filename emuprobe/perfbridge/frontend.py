@@ -14,7 +14,7 @@ from ..spec import ProbeSpec, parse_probe
 from .aggregate import Aggregator, check_names
 from .bridge import Bridge
 from .export import ChromeWriter, FoldedWriter, JsonlWriter, TextWriter
-from .options import DEFAULT_DEPTH
+from .options import DEFAULT_DEPTH, stack_depth
 from .record import Record
 from .spec import parse_perf_probe, read_events_file
 
@@ -22,7 +22,7 @@ from .spec import parse_perf_probe, read_events_file
 def wanted(args: argparse.Namespace) -> bool:
     """Whether this run needs the bridge (else the plain counting/printing path serves)."""
     return bool(
-        args.perf_binary or args.events or args.stack or args.by or args.hist
+        args.perf_binary or args.events or stack_depth(args) or args.by or args.hist
         or args.kernel_events or args.format != "text"
         or any(s.retprobe or s.args for s in _own_specs(args))
     )
@@ -59,7 +59,7 @@ class TraceFrontend:
         self.writer: Any = None
         if fmt == "perf-script" or (fmt == "text" and not (args.count or args.hist)):
             # --count and --hist are summaries: no line per event unless asked.
-            self.writer = TextWriter(out, stacks=bool(args.stack) or fmt == "perf-script")
+            self.writer = TextWriter(out, stacks=bool(stack_depth(args)) or fmt == "perf-script")
         elif fmt == "chrome":
             self.writer = ChromeWriter(out)
         elif fmt == "folded":
@@ -67,7 +67,7 @@ class TraceFrontend:
         elif fmt == "jsonl":
             self.writer = JsonlWriter(out)
         self.aggregator = Aggregator(args.by, args.hist) if (args.by or args.hist) else None
-        depth = args.stack or (DEFAULT_DEPTH if fmt in ("perf-script", "folded") else 0)
+        depth = stack_depth(args) or (DEFAULT_DEPTH if fmt in ("perf-script", "folded") else 0)
         self.depth = depth
         self.kernel: Any = None
 
@@ -88,6 +88,7 @@ class TraceFrontend:
 
             merger = Merger(sink)
             self.kernel = KernelEvents(self.args.kernel_events, merger.push_kernel)
+            merger.kernel = self.kernel
             tracer.session.on_start.append(self.kernel.open_for)
             sink = merger.push
             self.merger = merger
@@ -112,6 +113,9 @@ class TraceFrontend:
         if self.kernel is not None:
             self.kernel.close()
             self.merger.flush_all()
+            if self.kernel.lost:
+                print(f"emuprobe: {self.kernel.lost} kernel events lost (ring buffer full)",
+                      file=sys.stderr)
         if self.writer is not None:
             self.writer.close()
         if self.aggregator is not None:

@@ -30,9 +30,10 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
         help="also trace FILE's uprobe_events lines: p|r[:GRP/EV] PATH:OFFSET [ARG..]",
     )
     t.add_argument(
-        "--stack", nargs="?", type=int, const=DEFAULT_DEPTH, metavar="DEPTH",
-        help=f"record the user call chain at each event (default depth {DEFAULT_DEPTH})",
+        "--stack", action="store_true",
+        help=f"--stack[=DEPTH]: record the user call chain at each event (depth {DEFAULT_DEPTH})",
     )
+    t.add_argument("--stack-depth", type=int, default=0, help=argparse.SUPPRESS)
     t.add_argument("--by", metavar="NAME", help="with --count: count by this fetched argument")
     t.add_argument("--hist", metavar="NAME", help="log2 histogram of a fetched argument or latency")
     t.add_argument(
@@ -43,3 +44,18 @@ def add_arguments(t: argparse.ArgumentParser) -> None:
         "--format", choices=FORMATS, default="text",
         help="how events are written (to -o FILE or stdout)",
     )
+
+
+def normalize(argv: list[str]) -> list[str]:
+    """`--stack=N` -> `--stack-depth=N`: argparse cannot give an option an
+    optional value without swallowing the PROBE that follows a bare `--stack`."""
+    return [f"--stack-depth={a[8:]}" if a.startswith("--stack=") else a for a in argv]
+
+
+def stack_depth(args: argparse.Namespace) -> int:
+    """The call-chain depth asked for, 0 for none."""
+    if args.stack_depth < 0:
+        from ..errors import ProbeError
+
+        raise ProbeError(f"--stack={args.stack_depth}: the depth must be positive")
+    return args.stack_depth or (DEFAULT_DEPTH if args.stack else 0)

@@ -43,7 +43,7 @@ class Record:
     def entry_ts(self) -> int:
         return self.ts - (self.latency_ns or 0)
 
-    def line(self) -> str:
+    def line(self, pad: bool = True) -> str:
         """`COMM PID/TID SEC.USEC: NAME: (ADDR) ARGS`, as perf script / tracefs print."""
         if self.kind == "probe":
             where = f" ({self.address:#x})"
@@ -52,7 +52,8 @@ class Record:
         else:
             where = ""
         args = f" {self.args_text}" if self.args_text else ""
-        return f"{perf_header(self.comm, self.pid, self.tid, self.ts)} {self.name}:{where}{args}"
+        head = perf_header(self.comm, self.pid, self.tid, self.ts, pad)
+        return f"{head} {self.name}:{where}{args}"
 
     def stack_lines(self) -> list[str]:
         """perf script -g frame lines: `\\t    ADDR SYMBOL (LIBRARY)`."""
