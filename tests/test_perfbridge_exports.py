@@ -86,7 +86,7 @@ def test_chrome_trace(tmp_path):
     check_chrome_trace(doc)
     evs = doc["traceEvents"]
     spans = [e for e in evs if e["ph"] == "X"]
-    assert len(spans) == 41 and all(e["name"] == "pb_fib__return" for e in spans)
+    assert len(spans) == 41 and all(e["name"] == "pb_fib" for e in spans)
     assert sum(e["ph"] == "i" and e["cat"] == "probe" for e in evs) == 41
     assert any(e["ph"] == "i" and e["cat"] == "kernel" for e in evs)  # printf's write
     names = {e["args"]["name"] for e in evs if e["ph"] == "M"}

@@ -99,8 +99,10 @@ class ChromeWriter:
         args: dict[str, object] = {k: v for k, v in rec.args}
         ev: dict[str, object] = {"name": rec.name, "pid": rec.pid, "tid": rec.tid, "args": args}
         if rec.kind == "return":
+            # The span is the function's, from its entry to its return.
             args["latency_ns"] = rec.latency_ns
-            ev.update(ph="X", cat="user", ts=_us(rec.entry_ts), dur=_us(rec.latency_ns or 0))
+            ev.update(name=rec.name.removesuffix("__return"), ph="X", cat="user",
+                      ts=_us(rec.entry_ts), dur=_us(rec.latency_ns or 0))
         else:
             ev.update(ph="i", s="t", cat="kernel" if rec.kind == "kernel" else "probe",
                       ts=_us(rec.ts))
