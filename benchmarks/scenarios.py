@@ -138,10 +138,11 @@ WORKLOAD = "b''.join(bytes(700 + i % 300) for i in range(60000))"
 
 def real_workload(runs: int, kernel_why: str) -> dict[str, Any]:
     """python3 -c WORKLOAD with a libc:malloc probe: wall-time overhead per strategy."""
-    import shutil
+    import os
 
-    py = shutil.which("python3") or sys.executable
-    argv = [py, "-c", WORKLOAD]
+    # the interpreter itself, not a wrapper script (pyenv's shim would be traced too)
+    py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    argv = [os.path.realpath(py), "-c", WORKLOAD]
     base = sorted(_wall(argv) for _ in range(runs))[runs // 2]
     out: dict[str, Any] = {"command": f"python3 -c \"{WORKLOAD}\"", "untraced_s": base}
     for s in STRATEGIES:
@@ -177,16 +178,23 @@ def attach_many(count: int) -> dict[str, Any]:
     again, over planting one: `emuprobe trace --count F1..Fn -- /bin/true`."""
     from emuprobe.breakpoints.elfimage import ElfImage
     from emuprobe.breakpoints.libraries import find_library_on_disk
+    from emuprobe.errors import ProbeError
 
     libc = find_library_on_disk("libc") or "libc.so.6"
+    image = ElfImage.open(libc)
     seen: set[int] = set()
     names = []
-    for sym in ElfImage.open(libc).functions():
+    for sym in image.functions():
         if sym.ifunc or sym.vaddr in seen or not sym.name.isidentifier():
+            continue
+        try:
+            image.resolve(sym.name)  # unique: not two versions at two addresses
+        except ProbeError:
             continue
         seen.add(sym.vaddr)
         names.append(f"libc:{sym.name}")
-    names = names[:count]
+        if len(names) == count:
+            break
     one = min(trace("emulate", names[:1], ["/bin/true"])["seconds"] for _ in range(3))
     many = [trace("emulate", names, ["/bin/true"]) for _ in range(3)]
     best = min(many, key=lambda r: r["seconds"])
