@@ -133,7 +133,10 @@ def collapse_perf_script(text: str) -> Counter[str]:
         assert m is None, f"a frame line read as a header: {line}"
         m = FRAME.match(line)
         assert m, line
-        stack.append(m.group(2).split("+0x")[0])
+        func, mod = m.group(2).split("+0x")[0], m.group(3)
+        if func == "[unknown]" and mod != "[unknown]":
+            func = f"[{os.path.basename(mod)}]"
+        stack.append(func)
     return folded
 
 

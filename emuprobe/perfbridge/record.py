@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from ..output import perf_header
@@ -19,7 +20,10 @@ class Frame:
 
     @property
     def function(self) -> str:
-        """The symbol without its +offset (what flame graphs group by)."""
+        """The symbol without its +offset (what flame graphs group by); an
+        unknown one is `[library]`, as stackcollapse-perf.pl names it."""
+        if self.symbol == "[unknown]" and self.library != "[unknown]":
+            return f"[{os.path.basename(self.library)}]"
         return self.symbol.split("+0x", 1)[0]
 
 
