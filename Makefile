@@ -56,4 +56,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 clean:
-	rm -rf $(BUILD) $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(BUILD) $(VENV) .pytest_cache .mypy_cache .ruff_cache emuprobe/_hotloop*.so

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import shlex
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from .tools import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
+TRUST_ENV = "EMUPROBE_TRUST_FILE"  # emuprobe/emulator/trust.py reads it
 
 
 def _check(tool: Tool, func: str):  # type: ignore[no-untyped-def]
@@ -70,7 +72,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-peers", action="store_true", help="skip ltrace, gdb and bpftrace")
     ap.add_argument("--kinds", nargs="*", default=list(SITES), choices=list(SITES))
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--trust-file", type=Path,
+                    help="the trust table emulate uses (default: the packaged one), e.g. one"
+                    " written by `emuprobe difftest --update-trust --trust-file FILE`")
     args = ap.parse_args(argv)
+    if args.trust_file is not None:
+        os.environ[TRUST_ENV] = str(args.trust_file.resolve())  # for every emuprobe run
     runs = args.runs or (2 if args.quick else 5)
     calls = args.calls or (3000 if args.quick else 20000)
     lost_calls = args.lost_calls or (5000 if args.quick else 100_000)
@@ -151,7 +158,8 @@ def _engine() -> dict[str, Any]:
         classes = len(trust.table().classes)
     except ImportError:
         classes = -1
-    return {"compiled_hot_loop": HotLoop.load() is not None, "trusted_classes": classes}
+    return {"compiled_hot_loop": HotLoop.load() is not None, "trusted_classes": classes,
+            "trust_file": os.environ.get(TRUST_ENV, "packaged")}
 
 
 def _markdown(results: dict[str, Any], cells: list[Cell]) -> str:
@@ -164,7 +172,7 @@ def _markdown(results: dict[str, Any], cells: list[Cell]) -> str:
         f"Command: `{results['command']}`; median of {results['runs']} runs; "
         f"{'tracer and tracee pinned to CPU 0' if results['pinned_to_cpu0'] else 'not pinned'}.  ",
         f"Engine: compiled hot loop {'built' if eng['compiled_hot_loop'] else 'NOT built'}; "
-        f"trust table: {eng['trusted_classes']} instruction classes.",
+        f"trust table: {eng['trusted_classes']} instruction classes ({eng['trust_file']}).",
         "",
         "## Per-hit cost: µs per hit (multiple of the C floor on the push site)",
         "",
