@@ -1,4 +1,5 @@
-"""A progress display: rich's when it is installed (the `bench` extra), else plain lines."""
+"""A progress display: rich's on a terminal when it is installed (the `bench`
+extra), else one plain line per step on stderr (a log file stays readable)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ class Progress:
     def __init__(self) -> None:
         self._rich: Any = None
         self._plain: dict[int, list[Any]] = {}
+        if not sys.stderr.isatty():
+            return
         try:
             from rich.progress import (
                 BarColumn,
@@ -23,7 +26,7 @@ class Progress:
             self._rich = RichProgress(
                 TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[now]}"), TimeElapsedColumn(), transient=False,
-                console=None if sys.stderr.isatty() else _stderr_console(),
+                console=_stderr_console(),
             )
         except ImportError:
             pass
