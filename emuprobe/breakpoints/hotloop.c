@@ -238,11 +238,18 @@ static int handle(pid_t tid, uint64_t *counters)
     return 0;
 }
 
-/* Reap stops until one needs Python.  Returns 1 (with tid and status set), or
- * -errno (EINTR: a signal for Python; ECHILD: nothing left to wait for). */
+/* Hits handled in C before control goes back to Python once.  Python's
+ * SIGINT/SIGTERM handlers only run in the interpreter, and a signal that lands
+ * while we are between syscalls interrupts nothing: without this, Ctrl-C would
+ * wait for the tracee to stop hitting probes.  256 hits is a few milliseconds. */
+#define HOT_YIELD_EVERY 256
+
+/* Reap stops until one needs Python.  Returns 1 (with tid and status set), 0
+ * (nothing for Python: a chance to run its signal handlers), or -errno (EINTR:
+ * a signal for Python; ECHILD: nothing left to wait for). */
 int hot_wait(int *tid, int *status, uint64_t *counters)
 {
-    for (;;) {
+    for (int handled = 0; handled < HOT_YIELD_EVERY; handled++) {
         int st;
         pid_t got = waitpid(-1, &st, __WALL);
         if (got < 0)
@@ -253,4 +260,5 @@ int hot_wait(int *tid, int *status, uint64_t *counters)
         *status = st;
         return 1;
     }
+    return 0;
 }

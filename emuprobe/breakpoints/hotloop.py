@@ -57,7 +57,7 @@ class HotLoop:
             rc = self._lib.hot_wait(self._tid, self._status, self._counters)
             if rc == 1:
                 return self._tid[0], self._status[0]
-            if rc == -errno.EINTR:
+            if rc == 0 or rc == -errno.EINTR:
                 continue  # Python's signal handlers run here (and may raise)
             if rc == -errno.ECHILD:
                 return None
