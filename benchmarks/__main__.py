@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin tracer and tracee to CPU 0 for the per-hit figures")
     ap.add_argument("--no-peers", action="store_true", help="skip ltrace, gdb and bpftrace")
+    ap.add_argument("--wall", action="store_true",
+                    help="per-hit figures from wall time (default: CPU time, see perhit.py)")
     ap.add_argument("--kinds", nargs="*", default=list(SITES), choices=list(SITES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--trust-file", type=Path,
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": now.strftime("%Y-%m-%d %H:%M UTC"), "machine": report.machine(),
         "command": "python -m benchmarks " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "runs": runs, "calls": calls, "pinned_to_cpu0": pin, "engine": _engine(),
+        "measure": "wall time" if args.wall else "CPU time (user+system, all processes)",
+        "loadavg_at_start": _loadavg(),
     }
     kernel_why = kcount.unavailable()
     with tempfile.TemporaryDirectory(prefix="emuprobe-bench-") as tmp, Progress() as progress:
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                      kernel_tool(built, counter, kernel_why)]
             if not args.no_peers:
                 tools += [ltrace_tool(built), gdb_tool(built, Path(tmp)), bpftrace_tool(built)]
-            cells = _perhit(tools, args.kinds, calls, runs, pin, built, progress)
+            cells = _perhit(tools, args.kinds, calls, runs, pin, args.wall, built, progress)
         finally:
             if counter is not None:
                 counter.__exit__(None, None, None)
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _perhit(tools: list[Tool], kinds: list[str], calls: int, runs: int, pin: bool,
-            built: Any, progress: Progress) -> list[Cell]:
+            wall: bool, built: Any, progress: Progress) -> list[Cell]:
     jobs = [(t, k) for k in kinds for t in tools if k in t.kinds]
     task = progress.task("per-hit cost", len(jobs))
     cells: list[Cell] = []
@@ -141,11 +145,19 @@ def _perhit(tools: list[Tool], kinds: list[str], calls: int, runs: int, pin: boo
             cells.append(Cell(tool.name, kind, None, note=tool.missing))
         else:
             if kind not in base:
-                base[kind] = untraced_us(built, kind, calls, runs, pin)
+                base[kind] = untraced_us(built, kind, calls, runs, pin, wall)
             cells.append(measure(tool, kind, calls, runs, base[kind], pin,
-                                 _check(tool, SITES[kind][0])))
+                                 _check(tool, SITES[kind][0]), wall))
         progress.advance(task)
     return cells
+
+
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
 
 
 def _engine() -> dict[str, Any]:
@@ -170,7 +182,9 @@ def _markdown(results: dict[str, Any], cells: list[Cell]) -> str:
         "",
         f"Machine: {m['cpu']} ({m['cpus']} CPUs), Linux {m['kernel']}, Python {m['python']}.  ",
         f"Command: `{results['command']}`; median of {results['runs']} runs; "
-        f"{'tracer and tracee pinned to CPU 0' if results['pinned_to_cpu0'] else 'not pinned'}.  ",
+        f"{'tracer and tracee pinned to CPU 0' if results['pinned_to_cpu0'] else 'not pinned'}; "
+        f"per-hit figures are {results['measure']}; load average at start "
+        f"{results['loadavg_at_start']}.  ",
         f"Engine: compiled hot loop {'built' if eng['compiled_hot_loop'] else 'NOT built'}; "
         f"trust table: {eng['trusted_classes']} instruction classes ({eng['trust_file']}).",
         "",

@@ -44,7 +44,9 @@ def extras_markdown(r: dict[str, Any]) -> str:
     wl = r.get("workload")
     if wl:
         out += ["## Real workload: libc:malloc probe", "", f"`{wl['command']}`, untraced "
-                f"{wl['untraced_s']:.3f} s.", "",
+                f"{wl['untraced_s']:.3f} s; emuprobe's own start-up and exit, "
+                f"{wl.get('emuprobe_startup_s', 0):.3f} s, is taken off the per-hit figures "
+                "(wall times, not pinned).", "",
                 "| strategy | wall s | overhead | malloc hits | µs per hit |",
                 "|---|---|---|---|---|"]
         for name, v in _per_tool(wl):
