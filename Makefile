@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench check-platform clean
+.PHONY: demo test lint bench fuzz check-platform clean
 
 check-platform:
 	@[ "$$(uname -s)/$$(uname -m)" = "Linux/x86_64" ] || \
@@ -41,6 +41,13 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
+
+# Long differential campaigns (not part of `make test`): emulator against the
+# CPU on FUZZ_EXAMPLES cases per core, then lockstep over real programs.
+FUZZ_EXAMPLES ?= 100000
+FUZZ_SEED ?= 2
+fuzz: $(STAMP)
+	$(BIN)/python fuzz/campaign.py --examples $(FUZZ_EXAMPLES) --seed $(FUZZ_SEED) --lockstep
 
 # The benchmark suite (not part of `make test`): matplotlib and rich from the
 # `bench` extra; the peers it compares with are installed when apt-get works

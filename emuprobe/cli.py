@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="run the benchmark suite (from a source checkout; = python -m benchmarks)"
     )
+    from .difftest.cli import add_parser as add_difftest
+
+    add_difftest(sub)
     return p
 
 
@@ -112,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(args.binary, args.glob)
+        if args.command == "difftest":
+            from .difftest.cli import main as difftest
+
+            return difftest(args, command)
         return _trace(args, command)
     except ProbeError as e:
         print(f"emuprobe: {e}", file=sys.stderr)

@@ -1,22 +1,22 @@
 """The emulator against the CPU: every emulated instruction is compared with a
-native PTRACE_SINGLESTEP of the same bytes from the same state, in a real
-tracee (tests/fixtures/emu_tracee.c).  Nothing here mocks ptrace.
+native PTRACE_SINGLESTEP of the same bytes from the same state, in the native
+oracle's sandbox (emuprobe/emulator/oracle.py).  Nothing here mocks ptrace.
+
+These tables pin behaviour the engine relies on whether or not a class is in
+the trust table, so plans come from `plan()` (trust bypassed); the trust gate
+itself is tested in tests/test_difftest.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import random
-import shutil
 import signal
 import statistics
 import struct
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from unicorn import (
@@ -35,6 +35,15 @@ from emuprobe.breakpoints.memory import ProcessMemory
 from emuprobe.emulator import policy
 from emuprobe.emulator.decode import FastPath, NativeStep, Plan, UnicornStep, analyze, describe
 from emuprobe.emulator.execute import Emulated, Emulator, Refused
+from emuprobe.emulator.oracle import (
+    CODE,
+    DATA,
+    DATA_LEN,
+    RO,
+    Input,
+    PtraceFp,
+    Sandbox,
+)
 from emuprobe.emulator.regs import (
     AF,
     ARITH_FLAGS,
@@ -48,12 +57,14 @@ from emuprobe.emulator.regs import (
     ZF,
 )
 
-FIXTURE = Path(__file__).parent / "fixtures" / "emu_tracee.c"
-CODE, DATA, RO = 0x200000000, 0x200010000, 0x200020000
-CODE_LEN, DATA_LEN, RO_LEN = 0x2000, 0x4000, 0x1000
 SITE = CODE + 0x100
 STACK = DATA + 0x2000
 TARGET = CODE + 0x800  # where ret / call [mem] / jmp reg go
+
+def plan_for(code: bytes, addr: int, **kw: bool) -> Plan:
+    """analyze() with the trust table bypassed (see the module docstring)."""
+    return analyze(code, addr, trusted_only=False, **kw)
+
 
 UNDEF_MUL = SF | ZF | AF | PF
 UNDEF_ALL = ARITH_FLAGS
@@ -67,16 +78,6 @@ def rip_rel(prefix: str, target: int, tail: str = "") -> str:
     """`prefix` + disp32 reaching `target` from SITE, + `tail` (an imm)."""
     n = len(bytes.fromhex(prefix)) + 4 + len(bytes.fromhex(tail))
     return prefix + rel32(target, SITE + n).hex() + tail
-
-
-@pytest.fixture(scope="session")
-def tracee_exe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        pytest.skip("gcc is needed to build the tracee fixture")
-    out = tmp_path_factory.mktemp("emu") / "emu_tracee"
-    subprocess.run([gcc, "-O1", "-o", str(out), str(FIXTURE)], check=True)
-    return out
 
 
 @dataclass
@@ -95,7 +96,7 @@ def default_regs() -> dict[str, int]:
     rng = random.Random(7)
     regs = {n: rng.getrandbits(64) for n in GPR_NAMES}
     regs.update(rdi=DATA + 0x100, rsi=DATA + 0x200, rbx=DATA + 0x300, rbp=STACK + 0x100)
-    regs.update(rsp=STACK, rcx=5, rdx=0)
+    regs.update(rsp=STACK, rcx=5, rdx=0, fs_base=DATA + 0x800)  # fs:[0x28] is in DATA
     return regs
 
 
@@ -107,22 +108,6 @@ def default_data() -> bytes:
     return bytes(data)
 
 
-class PtraceFp:
-    """FpAccess over PTRACE_GETFPREGS/SETFPREGS, counting calls."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.gets = self.sets = 0
-
-    def get(self) -> pt.UserFpRegs:
-        self.gets += 1
-        return pt.getfpregs(self.pid)
-
-    def set(self, fp: pt.UserFpRegs) -> None:
-        self.sets += 1
-        pt.setfpregs(self.pid, fp)
-
-
 @dataclass
 class Snapshot:
     regs: pt.UserRegs
@@ -131,83 +116,52 @@ class Snapshot:
 
 
 class Tracee:
-    def __init__(self, exe: Path) -> None:
-        self.pid = os.posix_spawn(str(exe), [str(exe)], dict(os.environ))
-        _, status = pt.waitpid(self.pid)
-        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP, status
-        self.mem = ProcessMemory(self.pid)
-        self.base = pt.getregs(self.pid)
-        self.base_fp = pt.getfpregs(self.pid)
+    """The native oracle's sandbox (emuprobe/emulator/oracle.py), driven from a State."""
+
+    def __init__(self) -> None:
+        self.sb = Sandbox()
+        self.pid = self.sb.pid
+        self.mem = self.sb.mem
 
     def kill(self) -> None:
-        self.mem.close()
-        os.kill(self.pid, signal.SIGKILL)
-        pt.waitpid(self.pid)
+        self.sb.close()
 
-    def apply(self, st: State, planted: bool) -> None:
-        code_page = bytearray(b"\xcc" * CODE_LEN)
-        for addr, orig in st.planted.items():
-            code_page[addr - CODE : addr - CODE + len(orig)] = orig
-        code_page[st.site - CODE : st.site - CODE + len(st.code)] = st.code
-        self.mem.write(CODE, bytes(code_page))
-        self.mem.planted.clear()
-        if planted:
-            for addr, orig in {**st.planted, st.site: st.code[:1]}.items():
-                self.mem.write(addr, b"\xcc")
-                self.mem.planted[addr] = orig
-        self.mem.write(DATA, st.data or default_data())
-        self.mem.write(RO, bytes(range(256)) * (RO_LEN // 256))
-        regs = pt.UserRegs.from_buffer_copy(bytes(self.base))
+    def input(self, st: State) -> Input:
+        regs = self.sb.base_regs()
         for name, value in {**default_regs(), **st.regs}.items():
             setattr(regs, name, value)
-        regs.rip = st.site
         regs.eflags = st.eflags
-        pt.setregs(self.pid, regs)
-        fp = pt.UserFpRegs.from_buffer_copy(bytes(self.base_fp))
+        fp = self.sb.base_fp()
         for i in range(16):
             xmm = st.xmm.get(i, bytes((i * 16 + j) & 0xFF for j in range(16)))
             ctypes.memmove(ctypes.addressof(fp.xmm_space) + 16 * i, xmm, 16)
         fp.mxcsr = st.mxcsr
-        pt.setfpregs(self.pid, fp)
+        return Input(st.code, regs, fp, st.data or default_data(), st.site, st.planted)
+
+    def apply(self, st: State, planted: bool) -> None:
+        self.sb.load(self.input(st), planted)
 
     def snapshot(self) -> Snapshot:
-        memory = self.mem.read(CODE, CODE_LEN) + self.mem.read(DATA, DATA_LEN)
-        memory += self.mem.read(RO, RO_LEN)
-        return Snapshot(pt.getregs(self.pid), pt.getfpregs(self.pid), memory)
+        o = self.sb.snapshot()
+        return Snapshot(o.regs, o.fp, o.memory)
 
     def native(self, st: State, rep: bool = False) -> tuple[int, Snapshot]:
-        """Single-step `st.code` natively.  A rep string op traps after each
-        iteration; with `rep`, step until it leaves the site (the emulator runs
-        it to completion, so that its probe fires once)."""
-        self.apply(st, planted=False)
-        while True:
-            pt.singlestep(self.pid)
-            _, status = pt.waitpid(self.pid)
-            assert os.WIFSTOPPED(status), status
-            if not rep or os.WSTOPSIG(status) != signal.SIGTRAP:
-                break
-            if pt.getregs(self.pid).rip != st.site:
-                break
-        return os.WSTOPSIG(status), self.snapshot()
+        """Single-step `st.code` natively (a rep string op: until it leaves
+        the site, as the emulator runs it to completion); SIGTRAP if it completed."""
+        o = self.sb.run_native(self.input(st), rep)
+        return o.signal or signal.SIGTRAP, Snapshot(o.regs, o.fp, o.memory)
 
     def emulate(
-        self, emu: Emulator, st: State, plan: Plan, mem: ProcessMemory | None = None
+        self, emu: Emulator, st: State, plan: Plan
     ) -> tuple[Emulated | Refused, Snapshot, PtraceFp]:
-        self.apply(st, planted=True)
-        regs = pt.getregs(self.pid)
-        fp = PtraceFp(self.pid)
-        result = emu.step(plan, st.code, regs, mem or self.mem, fp)
-        if isinstance(result, Emulated):
-            pt.setregs(self.pid, regs)
-        for addr, orig in self.mem.planted.items():  # un-plant, so memory compares equal
-            self.mem.write(addr, orig)
-        self.mem.planted.clear()
-        return result, self.snapshot(), fp
+        fp = self.sb.fp = PtraceFp(self.pid)
+        result, o = self.sb.run_engine(self.input(st), plan, emu)
+        return result, Snapshot(o.regs, o.fp, o.memory), fp
 
 
 @pytest.fixture(scope="module")
-def tracee(tracee_exe: Path) -> Iterator[Tracee]:
-    t = Tracee(tracee_exe)
+def tracee() -> Iterator[Tracee]:
+    t = Tracee()
     yield t
     t.kill()
 
@@ -233,7 +187,7 @@ def assert_same(native: Snapshot, emulated: Snapshot, undefined: int, fp: bool) 
 def difftest(
     tracee: Tracee, emu: Emulator, st: State, undefined: int = 0, plan: Plan | None = None
 ) -> Plan:
-    plan = plan or analyze(st.code, st.site)
+    plan = plan or plan_for(st.code, st.site)
     sig, native = tracee.native(st, rep=isinstance(plan, UnicornStep) and plan.rep)
     assert sig == signal.SIGTRAP, f"native step of {describe(plan)} raised signal {sig}"
     result, emulated, fp = tracee.emulate(emu, st, plan)
@@ -280,11 +234,11 @@ def test_fast_path_matches_cpu(
     tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], eflags: int
 ) -> None:
     st = State(bytes.fromhex(hexcode), regs=regs, eflags=eflags)
-    plan = analyze(st.code, SITE)
+    plan = plan_for(st.code, SITE)
     assert isinstance(plan, FastPath), describe(plan)
     difftest(tracee, emu, st, plan=plan)
     # the same instruction through Unicorn must agree too
-    difftest(tracee, emu, st, plan=analyze(st.code, SITE, fast=False))
+    difftest(tracee, emu, st, plan=plan_for(st.code, SITE, fast=False))
 
 
 # --- UnicornStep -----------------------------------------------------------
@@ -367,7 +321,7 @@ def test_unicorn_step_matches_cpu(
     tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], eflags: int, undefined: int
 ) -> None:
     st = State(bytes.fromhex(hexcode), regs=regs, eflags=eflags)
-    plan = analyze(st.code, SITE)
+    plan = plan_for(st.code, SITE)
     assert isinstance(plan, UnicornStep), describe(plan)
     difftest(tracee, emu, st, undefined, plan)
 
@@ -385,7 +339,7 @@ def test_branch_to_unmapped_page_completes(tracee: Tracee, emu: Emulator) -> Non
 def test_branch_to_non_canonical_is_refused(tracee: Tracee, emu: Emulator) -> None:
     st = State(bytes.fromhex("ffe0"), regs={"rax": 1 << 47})  # jmp rax: #GP at the jmp
     assert tracee.native(st)[0] == signal.SIGSEGV
-    assert "non-canonical" in assert_refused(tracee, emu, st, analyze(st.code, SITE)).reason
+    assert "non-canonical" in assert_refused(tracee, emu, st, plan_for(st.code, SITE)).reason
 
 
 @pytest.mark.parametrize(
@@ -425,9 +379,9 @@ def test_sse_arithmetic_is_native_and_why(tracee: Tracee, emu: Emulator) -> None
     exception flags.  With every flag already set (sticky) it agrees exactly,
     which also proves the XMM round trip."""
     code = bytes.fromhex("f20f58c1")  # addsd xmm0, xmm1
-    plan = analyze(code, SITE)
+    plan = plan_for(code, SITE)
     assert isinstance(plan, NativeStep) and plan.reason == policy.SSE_FP
-    forced = analyze(code, SITE, policy_check=False)
+    forced = plan_for(code, SITE, policy_check=False)
     assert isinstance(forced, UnicornStep) and forced.needs_fp and forced.xmm == (0, 1)
     xmm = {0: struct.pack("<dd", 1.0, 7.0), 1: struct.pack("<dd", 2.0**-60, 9.0)}
     difftest(tracee, emu, State(code, xmm=xmm, mxcsr=0x1FBF), plan=forced)
@@ -449,7 +403,7 @@ def sse_safe_encodings() -> list[bytes]:
                 for op in range(256):
                     for modrm in (0xC1, 0xC9, 0x07, 0xF9, 0xD9, 0xF8, 0xE8, 0xF0):
                         raw = pfx + rex + esc + bytes([op, modrm, 0x1B])
-                        plan = analyze(raw, SITE)
+                        plan = plan_for(raw, SITE)
                         if isinstance(plan, UnicornStep) and plan.mnemonic in policy.SSE_SAFE:
                             forms = per.setdefault(plan.mnemonic, [])
                             if len(forms) < 8:
@@ -463,7 +417,7 @@ EDGY = (0, 1, 0x7F, 0x80, 0xFF)
 def test_sse_safe_list_matches_cpu(tracee: Tracee, emu: Emulator) -> None:
     rng = random.Random(5)
     encodings = sse_safe_encodings()
-    assert len({analyze(c, SITE).mnemonic for c in encodings}) > 150
+    assert len({plan_for(c, SITE).mnemonic for c in encodings}) > 150
     for code in encodings:
         for trial in range(2):
             regs = {n: DATA + 0x1000 + 16 * rng.randrange(0x100) for n in GPR_NAMES}
@@ -496,7 +450,7 @@ def test_fault_is_refused_with_nothing_changed(
     tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], sig: int
 ) -> None:
     st = State(bytes.fromhex(hexcode), regs=regs)
-    plan = analyze(st.code, SITE)
+    plan = plan_for(st.code, SITE)
     assert not isinstance(plan, NativeStep), describe(plan)
     got, _ = tracee.native(st)
     assert got == sig
@@ -558,28 +512,28 @@ POLICY = [
 
 @pytest.mark.parametrize("hexcode,why", [c[1:] for c in POLICY], ids=[c[0] for c in POLICY])
 def test_policy_refuses(hexcode: str, why: str) -> None:
-    plan = analyze(bytes.fromhex(hexcode), SITE)
+    plan = plan_for(bytes.fromhex(hexcode), SITE)
     assert isinstance(plan, NativeStep), describe(plan)
     assert why.lower() in plan.reason.lower(), plan.reason
 
 
 def test_read_of_the_stop_byte_is_refused(tracee: Tracee, emu: Emulator) -> None:
     st = State(bytes.fromhex("488b05f9ffffff"))  # mov rax, [rip-7]: 8 bytes from itself
-    assert "stop byte" in assert_refused(tracee, emu, st, analyze(st.code, SITE)).reason
+    assert "stop byte" in assert_refused(tracee, emu, st, plan_for(st.code, SITE)).reason
 
 
 def test_ac_flag_and_native_plans_are_refused(tracee: Tracee, emu: Emulator) -> None:
     for hexcode in ("55", "4801d8"):  # FastPath, UnicornStep
         st = State(bytes.fromhex(hexcode), eflags=0x40202)
-        assert "AC flag" in assert_refused(tracee, emu, st, analyze(st.code, SITE)).reason
+        assert "AC flag" in assert_refused(tracee, emu, st, plan_for(st.code, SITE)).reason
     st = State(bytes.fromhex("0f31"))
-    plan = analyze(st.code, SITE)
+    plan = plan_for(st.code, SITE)
     assert assert_refused(tracee, emu, st, plan) == Refused(plan.reason)  # type: ignore[union-attr]
 
 
 def test_rep_beyond_limit_is_refused(tracee: Tracee, emu: Emulator) -> None:
     st = State(bytes.fromhex("f3aa"), regs={"rcx": policy.REP_LIMIT + 1})
-    assert "rep count" in assert_refused(tracee, emu, st, analyze(st.code, SITE)).reason
+    assert "rep count" in assert_refused(tracee, emu, st, plan_for(st.code, SITE)).reason
 
 
 def test_callback_exception_is_reraised_with_nothing_changed(tracee: Tracee, emu: Emulator) -> None:
@@ -595,7 +549,7 @@ def test_callback_exception_is_reraised_with_nothing_changed(tracee: Tracee, emu
     mem.planted.update(tracee.mem.planted)
     try:
         with pytest.raises(RuntimeError, match="boom"):
-            emu.step(analyze(st.code, SITE), st.code, regs, mem, PtraceFp(tracee.pid))
+            emu.step(plan_for(st.code, SITE), st.code, regs, mem, PtraceFp(tracee.pid))
     finally:
         mem.close()
     assert bytes(regs) == before
@@ -612,8 +566,8 @@ def test_same_address_different_code_each_hit(tracee: Tracee, emu: Emulator) -> 
         difftest(tracee, emu, State(bytes.fromhex(hexcode)))
 
 
-def test_two_processes_same_address_different_code(tracee_exe: Path, emu: Emulator) -> None:
-    a, b = Tracee(tracee_exe), Tracee(tracee_exe)
+def test_two_processes_same_address_different_code(emu: Emulator) -> None:
+    a, b = Tracee(), Tracee()
     try:
         for _ in range(3):
             difftest(a, emu, State(bytes.fromhex("4801d8")))  # add rax, rbx
@@ -673,7 +627,7 @@ def test_plan_registers_cover_what_unicorn_touches() -> None:
     checked = 0
     while checked < 1500:
         raw = bytes(rng.getrandbits(8) for _ in range(15))
-        plan = analyze(raw, code_at, fast=False)
+        plan = plan_for(raw, code_at, fast=False)
         if not isinstance(plan, UnicornStep) or plan.branch:
             continue
         code = raw[: plan.length]
@@ -708,7 +662,7 @@ def test_measure_step_cost(tracee: Tracee, emu: Emulator, capsys: pytest.Capture
     ):
         st = State(bytes.fromhex(hexcode))
         tracee.apply(st, planted=True)
-        plan = analyze(st.code, SITE)
+        plan = plan_for(st.code, SITE)
         template = bytes(pt.getregs(tracee.pid))
         regs = pt.UserRegs()
         fp = PtraceFp(tracee.pid)

@@ -16,7 +16,8 @@ from typing import Literal
 import capstone
 from capstone import x86_const as csx
 
-from . import policy
+from . import policy, trust
+from .addresses import MemRef, mem_refs
 from .regs import (
     BY_NAME,
     EFLAGS,
@@ -62,6 +63,8 @@ class UnicornStep:
     branch: bool = False  # may transfer control anywhere
     rep: bool = False  # rep-prefixed string op: run to completion
     aligned16: bool = False  # a 16-byte memory operand must be 16-byte aligned
+    mem: tuple[MemRef, ...] = ()  # how each memory operand's address is formed
+    implicit: tuple[str, ...] = ()  # registers used as addresses implicitly (rsp, rsi, rdi)
 
 
 @dataclass(frozen=True)
@@ -97,12 +100,21 @@ _BRANCH_GROUPS = frozenset(
 )
 
 
-def analyze(code: bytes, addr: int, *, fast: bool = True, policy_check: bool = True) -> Plan:
+def analyze(
+    code: bytes,
+    addr: int,
+    *,
+    fast: bool = True,
+    policy_check: bool = True,
+    trusted_only: bool = True,
+) -> Plan:
     """The Plan for the instruction at the start of `code` (the site's original
     bytes, up to 16), analysed as if at `addr`.
 
-    `fast=False` never returns a FastPath and `policy_check=False` skips the
-    refusal tables (not the register checks); both exist for the difftest.
+    Only classes in the trust table (trust.py) are emulated.  `fast=False`
+    never returns a FastPath, `trusted_only=False` skips the trust table and
+    `policy_check=False` skips it and the refusal tables (not the register
+    checks); they exist for the difftest, which is what earns the trust.
     """
     insn = next(_cs.disasm(bytes(code[:16]), addr, 1), None)
     if insn is None:
@@ -112,6 +124,8 @@ def analyze(code: bytes, addr: int, *, fast: bool = True, policy_check: bool = T
         reason = _refusal(insn, code)
         if reason is not None:
             return NativeStep(reason, insn.size, insn.mnemonic, text)
+        if trusted_only and not trust.is_trusted(insn):
+            return NativeStep(trust.UNTRUSTED, insn.size, insn.mnemonic, text)
     if fast:
         fp = _fast_path(insn, text)
         if fp is not None:
@@ -121,9 +135,11 @@ def analyze(code: bytes, addr: int, *, fast: bool = True, policy_check: bool = T
 
 def _refusal(insn: capstone.CsInsn, code: bytes) -> str | None:
     mnem = insn.mnemonic
-    if insn.prefix[0] == 0xF0:
-        return policy.LOCK
     prefixes = _legacy_prefixes(code)
+    # not insn.prefix[0]: capstone keeps only the last of F0/F2/F3 there, and
+    # `f0 f3 0f 4c c5` is #UD on the CPU but a plain cmovl to Unicorn
+    if 0xF0 in prefixes:
+        return policy.LOCK
     if sum(p in _SEGMENT_PREFIXES for p in prefixes) > 1:
         return policy.SEGMENT_PREFIXES
     if 0xF2 in prefixes and 0xF3 in prefixes:
@@ -161,6 +177,14 @@ def _refusal(insn: capstone.CsInsn, code: bytes) -> str | None:
         return "cmpxchg to a register: QEMU zero-extends a 32-bit destination the CPU keeps"
     if base in policy.SSE_SAFE and _ignored_mandatory_prefix(insn, code, prefixes):
         return f"{base} with a prefix its encoding does not use: may be #UD natively"
+    if insn.opcode[0] in (0xC6, 0xC7) and insn.rex & 4:
+        return "REX.R on mov r/m, imm: Unicorn reads it into the /0 and raises #UD"
+    if base == "cmpxchg" and insn.operands[0].size == 4:
+        return "32-bit cmpxchg: Unicorn zero-extends RAX when the values are equal"
+    if base == "ret" and insn.operands and insn.operands[0].imm >= 0x8000:
+        return "ret imm16 >= 0x8000: Unicorn sign-extends the immediate the CPU zero-extends"
+    if insn.opcode[0] == 0x90 and 0xF3 in prefixes and insn.rex & 1:
+        return "F3 REX.B 90: the CPU exchanges with r8, Unicorn decodes pause"
     if base in ("lahf", "sahf") and insn.rex:
         # QEMU 5 decodes AH as SPL when a REX prefix is present
         return f"{base} with REX: Unicorn writes SPL instead of AH"
@@ -311,6 +335,7 @@ def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
     )
     gprs = tuple(r for r in used.values() if r.field is not None)
     rep = insn.prefix[0] in (0xF2, 0xF3) and base in policy.STRING_OPS and not xmm
+    refs, implicit = mem_refs(insn)
     branch = any(g in _BRANCH_GROUPS for g in insn.groups) or base.startswith("loop")
     return UnicornStep(
         regs=tuple(r.uc for r in gprs),
@@ -322,6 +347,8 @@ def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
         branch=branch,
         rep=rep,
         aligned16=aligned16,
+        mem=refs,
+        implicit=implicit,
         length=insn.size,
         mnemonic=mnem,
         text=text,

@@ -49,7 +49,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from ..breakpoints.maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from ..breakpoints.memory import ProcessMemory
 from ..breakpoints.ptrace import UserFpRegs, UserRegs
-from . import policy
+from . import addresses, policy
 from .decode import UnicornStep
 from .regs import EMULATED_FLAGS, MASK64, MXCSR, RESERVED_ONE, XMMS, canonical
 
@@ -163,6 +163,9 @@ class Machine:
         nxt = (site + length) & MASK64
         if plan.rep and regs.rcx > policy.REP_LIMIT:
             return f"rep count {regs.rcx} > {policy.REP_LIMIT}: native is faster", False
+        near_hole = addresses.check(plan.mem, plan.implicit, regs, nxt)
+        if near_hole is not None:
+            return near_hole, False  # Unicorn would alias a non-canonical address
         self._begin(mem, site, nxt, bytes(code[:length]), plan.aligned16)
         if plan.rep:
             # it runs on into the block at `next`, which must be our hlt
@@ -231,12 +234,17 @@ class Machine:
         regs.eflags = eflags
         regs.rip = rip
         if xmm_out is not None and fpregs is not None:
-            dst = ctypes.addressof(fpregs.xmm_space)
-            for slot, x in enumerate(xmm_out.xmm):
-                ctypes.memmove(dst + 16 * x, xmm_out.base + 16 * slot, 16)
+            self._write_back_xmm(xmm_out, fpregs)
             fp.set(fpregs)
             return None, True
         return None, False
+
+    @staticmethod
+    def _write_back_xmm(xb: _XmmBatch, fpregs: UserFpRegs) -> None:
+        """Copy the XMM registers Unicorn left in `xb` into the thread's FP state."""
+        dst = ctypes.addressof(fpregs.xmm_space)
+        for slot, x in enumerate(xb.xmm):
+            ctypes.memmove(dst + 16 * x, xb.base + 16 * slot, 16)
 
     def _xmm_batch(self, xmm: tuple[int, ...]) -> _XmmBatch:
         xb = self._xmm_batches.get(xmm)

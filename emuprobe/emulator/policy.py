@@ -150,6 +150,9 @@ BY_MNEMONIC: dict[str, str] = {
         "{m}: privileged or descriptor-table state (UMIP/#GP natively)",
     ),
     **dict.fromkeys(("adcx", "adox"), "{m}: Unicorn 2.1.4 raises #UD"),
+    **dict.fromkeys(
+        ("vzeroupper", "vzeroall"), "{m}: zeroes YMM bits 255:128, which are not transferred"
+    ),
     "ptwrite": "ptwrite: writes to the processor trace",
     "serialize": "serialize: serialising instruction",
     **dict.fromkeys(

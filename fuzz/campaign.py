@@ -1,0 +1,96 @@
+"""Long campaigns: `emuprobe difftest` on every core with its own seed, merged.
+
+    python fuzz/campaign.py --examples 100000 --seed 2 [--jobs N] [--lockstep]
+
+Each job is `emuprobe difftest --examples N --seed SEED+i --json ...` (the trust
+table is read, never written); the merged figures are what README.md's
+"Differential testing" section quotes: cases, distinct mnemonics, and the
+mismatches in trusted classes, which must be 0.  With --lockstep it then runs
+the two lockstep commands of the README.  Exit status 1 if any trusted class
+mismatched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+LOCKSTEP = (
+    ["/bin/ls", "-la", "/usr/bin"],
+    ["python3", "-c",
+     "import json,zlib; print(len(zlib.compress(json.dumps(list(range(1000))).encode())))"],
+)  # fmt: skip
+
+
+def run_jobs(examples: int, seed: int, jobs: int, out_dir: Path) -> list[dict]:
+    procs = []
+    for i in range(jobs):
+        out = out_dir / f"seed{seed + i}.json"
+        cmd = [sys.executable, "-m", "emuprobe", "difftest", "--examples", str(examples),
+               "--seed", str(seed + i), "--json", str(out)]  # fmt: skip
+        log = open(out_dir / f"seed{seed + i}.log", "w")  # noqa: SIM115 - closed after wait
+        procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, out))
+    results = []
+    for proc, log, out in procs:
+        proc.wait()
+        log.close()
+        results.append(json.loads(out.read_text()))
+    return results
+
+
+def merge(results: list[dict]) -> dict:
+    classes: dict[str, dict] = {}
+    for r in results:
+        for key, c in r["classes"].items():
+            m = classes.setdefault(key, {"mnemonic": c["mnemonic"], "trusted": c["trusted"]})
+            for field in ("cases", "match", "fault", "refused", "mismatch", "policy", "noplan",
+                          "masked"):  # fmt: skip
+                m[field] = m.get(field, 0) + c.get(field, 0)
+    compared = ("match", "fault", "refused", "mismatch")
+    return {
+        "cases": sum(r["totals"]["cases"] for r in results),
+        "compared": sum(sum(c.get(k, 0) for k in compared) for c in classes.values()),
+        "mnemonics": len({c["mnemonic"] for c in classes.values()}),
+        "mnemonics_compared": len(
+            {c["mnemonic"] for c in classes.values() if any(c.get(k) for k in compared)}
+        ),
+        "classes": len(classes),
+        "trusted_classes_seen": sum(1 for c in classes.values() if c["trusted"]),
+        "trusted_cases": sum(c["cases"] for c in classes.values() if c["trusted"]),
+        "mismatches": sum(c.get("mismatch", 0) for c in classes.values()),
+        "mismatching_classes": sorted(k for k, c in classes.items() if c.get("mismatch")),
+        "trusted_mismatches": sum(c.get("mismatch", 0) for c in classes.values() if c["trusted"]),
+        "masked": sum(c.get("masked", 0) for c in classes.values()),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--examples", type=int, default=100_000, help="per job")
+    ap.add_argument("--seed", type=int, default=2)
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--lockstep", action="store_true")
+    ap.add_argument("--out", help="keep the per-job JSON and logs here")
+    args = ap.parse_args()
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="emuprobe-fuzz-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    totals = merge(run_jobs(args.examples, args.seed, args.jobs, out_dir))
+    print(json.dumps(totals, indent=1))
+    status = 1 if totals["trusted_mismatches"] else 0
+    if args.lockstep:
+        for argv in LOCKSTEP:
+            cmd = [sys.executable, "-m", "emuprobe", "difftest", "--lockstep", "--", *argv]
+            print("$ emuprobe difftest --lockstep -- " + " ".join(argv), flush=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            print(done.stdout.splitlines()[-1] if done.stdout else done.stderr)
+            status |= done.returncode
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""The difftest: the native oracle, the comparator's SDM masks, the trust gate,
+the derandomized CI profile, and bugs injected into the per-hit state
+transfer that the CI profile must catch.  Every case runs on the real CPU in
+a ptraced sandbox and through the engine's own per-hit path; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from emuprobe.breakpoints import ptrace as pt
+from emuprobe.difftest import campaign
+from emuprobe.difftest.cases import Case
+from emuprobe.difftest.compare import FAULT, MATCH, MISMATCH, REFUSED
+from emuprobe.difftest.runner import Result, Runner, decode
+from emuprobe.difftest.strategies import FIXED_GPRS
+from emuprobe.difftest.undefined import undefined
+from emuprobe.emulator import machine, trust
+from emuprobe.emulator.decode import NativeStep, UnicornStep, analyze
+from emuprobe.emulator.oracle import CODE, DATA, RO, SITE, Sandbox
+from emuprobe.emulator.regs import AF, CF, OF, PF, SF, ZF
+
+REPO = Path(__file__).resolve().parent.parent
+DISCREPANCIES = REPO / "fuzz" / "discrepancies"
+STACK = DATA + 0x2000
+
+
+@pytest.fixture(scope="module")
+def runner() -> Iterator[Runner]:
+    with Runner(explore=False) as r:
+        yield r
+
+
+def case(hexcode: str, **regs: int) -> Case:
+    c = Case(bytes.fromhex(hexcode), FIXED_GPRS).with_gpr("rsp", STACK)
+    for name, value in regs.items():
+        c = c.with_gpr(name, value)
+    return c
+
+
+def check(r: Runner, hexcode: str, **regs: int) -> Result:
+    """One case with the trust table bypassed: the runner never asks it."""
+    return r.check(case(hexcode, **regs), record=False)
+
+
+# --- the oracle ------------------------------------------------------------
+
+
+def test_sandbox_holds_only_its_pages_and_is_reaped() -> None:
+    sb = Sandbox()
+    pid = sb.pid
+    try:
+        lines = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        starts = sorted(int(line.split("-")[0], 16) for line in lines)
+        assert starts[:3] == [CODE, DATA, RO]
+        assert all(s in (CODE, DATA, RO) or s >= 0xFFFF_FFFF_FF60_0000 for s in starts), lines
+    finally:
+        sb.close()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+def test_oracle_sets_and_reads_back_every_kind_of_state() -> None:
+    with Sandbox() as sb:
+        c = Case(bytes.fromhex("660fefc9"), FIXED_GPRS, eflags=0x2D7, mxcsr=0x1FBF,
+                 fs_base=DATA, gs_base=STACK, fill=1)  # fmt: skip  # pxor xmm1, xmm1
+        c = c.with_gpr("r15", 0x0123_4567_89AB_CDEF)
+        out = sb.run_native(c.to_input(sb))
+        assert out.signal == 0
+        assert out.regs.rip == SITE + 4 and out.regs.r15 == 0x0123_4567_89AB_CDEF
+        assert (out.regs.fs_base, out.regs.gs_base) == (DATA, STACK)
+        assert out.regs.eflags & 0xFFF == 0x2D7 & 0xFFF
+        assert out.fp.mxcsr == 0x1FBF
+        xmm = bytes(out.fp.xmm_space)
+        assert xmm[16:32] == bytes(16) and xmm[:16] == c.xmm[0]  # xmm1 zeroed, xmm0 kept
+        assert out.memory[0x2000 : 0x2000 + 16] == bytes(16)  # DATA filled with zeros
+
+
+def test_oracle_reports_the_fault() -> None:
+    with Sandbox() as sb:
+        out = sb.run_native(case("488b07", rdi=0x10).to_input(sb))  # mov rax, [rdi]
+        assert (out.signal, out.si_code, out.si_addr) == (signal.SIGSEGV, 1, 0x10)  # SEGV_MAPERR
+        out = sb.run_native(case("48890e", rsi=RO + 8).to_input(sb))  # mov [rsi], rcx
+        assert (out.signal, out.si_code, out.si_addr) == (signal.SIGSEGV, 2, RO + 8)  # ACCERR
+        out = sb.run_native(case("48f7f1", rcx=0, rax=1, rdx=0).to_input(sb))  # div rcx
+        assert out.signal == signal.SIGFPE and out.regs.rip == SITE
+
+
+def test_oracle_runs_500_cases_a_second(capsys: pytest.CaptureFixture[str]) -> None:
+    """Native step plus the engine's per-hit path, comparator included."""
+    with Runner(explore=False) as r:
+        cases = [case(h, rdi=DATA + 0x100) for h in ("4801d8", "488b07", "55", "0f2807", "c3")]
+        for c in cases:  # warm up: Unicorn's first translation of each
+            r.check(c, record=False)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 1.0:
+            r.check(cases[n % len(cases)], record=False)
+            n += 1
+        rate = n / (time.perf_counter() - start)
+    with capsys.disabled():
+        print(f"\noracle: {rate:.0f} cases/s (native + engine + compare)")
+    assert rate >= 500
+
+
+# --- the comparator and the SDM masks --------------------------------------
+
+SHIFT_MASKS = [
+    ("shl eax, cl (0)", "d3e0", {"rcx": 0}, 0),
+    ("shl eax, cl (1)", "d3e0", {"rcx": 1}, AF),
+    ("shl eax, cl (5)", "d3e0", {"rcx": 5}, AF | OF),
+    ("shl al, cl (9): CF too", "d2e0", {"rcx": 9}, AF | OF | CF),
+    ("sar al, cl (9): CF defined", "d2f8", {"rcx": 9}, AF | OF),
+    ("shl rax, 0x21 (masked to 33)", "48c1e021", {}, AF | OF),
+    ("rol eax, cl (1)", "d3c0", {"rcx": 1}, 0),
+    ("rol eax, cl (2)", "d3c0", {"rcx": 2}, OF),
+    ("rcl eax, 1", "d1d0", {}, 0),
+    ("shld eax, ebx, 1", "0fa4d801", {}, AF),
+    ("shld eax, ebx, 7", "0fa4d807", {}, AF | OF),
+    ("imul rax, rbx", "480fafc3", {}, SF | ZF | AF | PF),
+    ("mul rcx", "48f7e1", {}, SF | ZF | AF | PF),
+    ("div rcx", "48f7f1", {"rcx": 7, "rdx": 0}, CF | OF | SF | ZF | AF | PF),
+    ("bt eax, ecx", "0fa3c8", {}, OF | SF | AF | PF),
+    ("and eax, ebx", "21d8", {}, AF),
+    ("tzcnt rax, rcx", "f3480fbcc1", {}, OF | SF | PF | AF),
+    ("add eax, ebx", "01d8", {}, 0),
+]
+
+
+@pytest.mark.parametrize("hexcode,regs,flags", [c[1:] for c in SHIFT_MASKS],
+                         ids=[c[0] for c in SHIFT_MASKS])  # fmt: skip
+def test_undefined_flags_follow_the_sdm_count_rules(
+    hexcode: str, regs: dict[str, int], flags: int
+) -> None:
+    insn = decode(bytes.fromhex(hexcode), SITE)
+    before = pt.UserRegs()
+    for name, value in regs.items():
+        setattr(before, name, value)
+    u = undefined(insn, before, pt.UserRegs())
+    assert u.flags == flags
+    assert not flags or "Intel SDM Vol. 2" in u.cite
+
+
+def test_bsf_of_zero_leaves_the_destination_undefined(runner: Runner) -> None:
+    insn = decode(bytes.fromhex("480fbcc1"), SITE)  # bsf rax, rcx
+    zf = pt.UserRegs()
+    zf.eflags = ZF
+    assert undefined(insn, pt.UserRegs(), zf).regs == {"rax"}
+    assert undefined(insn, pt.UserRegs(), pt.UserRegs()).regs == frozenset()
+    assert check(runner, "480fbcc1", rcx=0).kind == MATCH
+    assert check(runner, "480fbcc1", rcx=0x80).kind == MATCH
+
+
+def test_verdicts_on_real_cases(runner: Runner) -> None:
+    assert check(runner, "4801d8").kind == MATCH  # add rax, rbx
+    assert check(runner, "488b07", rdi=0x10).kind == FAULT  # both fault
+    r = check(runner, "488b07", rdi=0x8000_0002_0001_0000)  # would alias in Unicorn
+    assert r.kind == REFUSED and "non-canonical" in r.verdict.diffs[0]  # type: ignore[union-attr]
+    masked = check(runner, "48d3e0", rcx=5, rax=3)  # shl rax, cl: AF/OF undefined
+    assert masked.kind == MATCH
+
+
+# --- the trust gate --------------------------------------------------------
+
+
+def test_untrusted_classes_take_the_native_fallback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = tmp_path / "trust.json"
+    table.write_text(trust.TrustTable(25, {"add r64,r64": 25}).dump())
+    monkeypatch.setenv(trust.ENV_FILE, str(table))
+    trust.table.cache_clear()
+    try:
+        assert isinstance(analyze(bytes.fromhex("4801d8"), SITE), UnicornStep)  # add rax, rbx
+        plan = analyze(bytes.fromhex("4829d8"), SITE)  # sub rax, rbx
+        assert isinstance(plan, NativeStep) and plan.reason == trust.UNTRUSTED
+        assert isinstance(analyze(bytes.fromhex("4829d8"), SITE, trusted_only=False), UnicornStep)
+    finally:
+        monkeypatch.delenv(trust.ENV_FILE)
+        trust.table.cache_clear()
+
+
+def test_packaged_trust_table_covers_the_common_prologues() -> None:
+    table = trust.table()
+    assert len(table.classes) >= 300 and table.min_cases >= 25
+    assert all(n >= table.min_cases for n in table.classes.values())
+    for hexcode in ("55", "4889e5", "4883ec18", "f30f1efa", "e800010000", "c3", "488b05d0ff0000",
+                    "48897c2408", "0f2807", "4885c0", "7410", "31c0"):  # fmt: skip
+        plan = analyze(bytes.fromhex(hexcode), SITE)
+        assert not isinstance(plan, NativeStep), plan
+
+
+def test_discrepancies_are_untrusted_and_reproduce(runner: Runner) -> None:
+    files = sorted(DISCREPANCIES.glob("*.json"))
+    assert files, "fuzz/discrepancies/ holds the known mismatches"
+    reproduced = 0
+    for path in files:
+        d = json.loads(path.read_text())
+        c = Case.from_json(d["state"])
+        plan = analyze(c.code, c.site)
+        assert isinstance(plan, NativeStep), path.name  # untrusted, or refused by policy
+        assert d["class"] not in trust.table() or d["status"].startswith("refused by policy")
+        assert c.code.hex() == d["bytes"] and d["differences"]
+        reproduced += runner.check(c, record=False).kind == MISMATCH or _explored(c)
+    assert reproduced >= len(files) * 3 // 4  # a few depend on Unicorn's state across runs
+
+
+def _explored(c: Case) -> bool:
+    with Runner(explore=True) as r:
+        return r.check(c, record=False).kind == MISMATCH
+
+
+# --- the CI profile, and bugs it must catch --------------------------------
+
+
+def trusted_mismatch(r: Result) -> bool:
+    return r.kind == MISMATCH and r.key in trust.table()
+
+
+def test_ci_profile_finds_no_mismatch_in_trusted_classes(runner: Runner) -> None:
+    campaign.run_campaign(runner, campaign.CI_PROFILE)
+    bad = {k: s.first_mismatch.verdict.diffs for k, s in runner.stats.items()  # type: ignore[union-attr]
+           if s.mismatches and k in trust.table()}  # fmt: skip
+    assert not bad
+    assert runner.cases == campaign.CI_PROFILE.examples
+    assert len({s.mnemonic for s in runner.stats.values()}) >= 300
+    assert sum(s.proven for s in runner.stats.values()) >= campaign.CI_PROFILE.examples // 3
+
+
+def caught_by_ci_profile() -> Result | None:
+    with Runner(explore=False) as r:
+        try:
+            campaign.run_campaign(r, campaign.CI_PROFILE, stop=trusted_mismatch)
+        except campaign.StopCampaign as stop:
+            result: Result = stop.args[0]
+            return result
+        except Exception as e:  # Hypothesis may wrap the StopCampaign it saw
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, campaign.StopCampaign):
+                return cause.args[0]  # type: ignore[no-any-return]
+            raise
+    return None
+
+
+def test_ci_profile_catches_cf_dropped_on_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from emuprobe.emulator.regs import EMULATED_FLAGS
+
+    monkeypatch.setattr(machine, "EMULATED_FLAGS", EMULATED_FLAGS & ~CF)
+    r = caught_by_ci_profile()
+    assert r is not None, "the CI profile missed a dropped CF"
+    # seen in the flags, or in a result computed from CF (adc, sbb, setc, cmovc...)
+    assert r.key in trust.table() and r.verdict is not None and r.verdict.diffs
+
+
+def test_ci_profile_catches_lost_upper_half_of_xmm1(monkeypatch: pytest.MonkeyPatch) -> None:
+    right = machine.Machine._write_back_xmm
+
+    def lossy(xb: machine._XmmBatch, fpregs: pt.UserFpRegs) -> None:
+        upper = bytes(fpregs.xmm_space)[24:32]
+        right(xb, fpregs)
+        ctypes.memmove(ctypes.addressof(fpregs.xmm_space) + 24, upper, 8)  # xmm1[127:64] kept
+
+    monkeypatch.setattr(machine.Machine, "_write_back_xmm", staticmethod(lossy))
+    r = caught_by_ci_profile()
+    assert r is not None, "the CI profile missed a lost XMM1 upper half"
+    assert any(d.startswith("xmm1:") for d in r.verdict.diffs), r.verdict  # type: ignore[union-attr]
+
+
+# --- the command line ------------------------------------------------------
+
+
+def test_cli_campaign_table_json_and_trust_update(tmp_path: Path) -> None:
+    out_json, table = tmp_path / "d.json", tmp_path / "trust.json"
+    table.write_text(trust.TrustTable(5, {}).dump())
+    cmd = [sys.executable, "-m", "emuprobe", "difftest", "--examples", "300", "--seed", "3",
+           "--mnemonic", "add", "--json", str(out_json), "--trust-file", str(table),
+           "--min-cases", "5", "--update-trust"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:4] == ["MNEMONIC", "CASES", "MATCH", "FAULT"]
+    assert lines[1].split()[0] == "add" and max(len(line) for line in lines[:3]) < 80
+    data = json.loads(out_json.read_text())
+    assert data["totals"]["cases"] >= 300 and data["totals"]["mismatches"] == 0
+    assert all(k.startswith("add ") for k in data["classes"])
+    proven = trust.TrustTable.load(table)
+    assert "add r64,r64" in proven and proven.classes["add r64,r64"] >= 5
