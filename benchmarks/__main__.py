@@ -41,6 +41,7 @@ from .tools import (
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRUST_ENV = "EMUPROBE_TRUST_FILE"  # emuprobe/emulator/trust.py reads it
+SECTIONS = ("perhit", "lost_events", "vma", "map_fixed", "workload", "attach")
 
 
 def _check(tool: Tool, func: str):  # type: ignore[no-untyped-def]
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wall", action="store_true",
                     help="per-hit figures from wall time (default: CPU time, see perhit.py)")
     ap.add_argument("--kinds", nargs="*", default=list(SITES), choices=list(SITES))
+    ap.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS),
+                    help="which parts to run (default: all)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--trust-file", type=Path,
                     help="the trust table emulate uses (default: the packaged one), e.g. one"
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                      kernel_tool(built, counter, kernel_why)]
             if not args.no_peers:
                 tools += [ltrace_tool(built), gdb_tool(built, Path(tmp)), bpftrace_tool(built)]
-            cells = _perhit(tools, args.kinds, calls, runs, pin, args.wall, built, progress)
+            kinds = args.kinds if "perhit" in args.sections else []
+            cells = _perhit(tools, kinds, calls, runs, pin, args.wall, built, progress)
         finally:
             if counter is not None:
                 counter.__exit__(None, None, None)
@@ -119,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             ("real workload", "workload", lambda: scenarios.real_workload(runs, kernel_why)),
             ("attach 1000 probes", "attach", lambda: scenarios.attach_many(1000)),
         ]
+        steps = [s for s in steps if s[1] in args.sections]
         task = progress.task("scenarios", len(steps))
         for label, key, fn in steps:
             progress.say(task, label)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,15 +39,16 @@ def trace(
     with tempfile.NamedTemporaryFile(suffix=".json") as stats:
         cmd = [*(prefix or []), sys.executable, "-c", _RSS_WRAPPER, "trace", "--count",
                "--strategy", strategy, "--stats-json", stats.name, *probes, "--", *argv]
-        t0 = time.perf_counter()
+        c0, t0 = _children_cpu(), time.perf_counter()
         done = subprocess.run(cmd, capture_output=True, text=True, env=emuprobe_env(),
                               timeout=1800)
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, _children_cpu() - c0
         data = json.loads(Path(stats.name).read_text() or "{}")
     rss = re.search(r"emuprobe-maxrss-kb=(\d+)", done.stderr)
     return {
         "status": done.returncode,
         "seconds": seconds,
+        "cpu": cpu,
         "hits": {n: p["hits"] for n, p in data.get("probes", {}).items()},
         "stdout": done.stdout,
         "stderr": done.stderr[-500:],
@@ -144,20 +147,23 @@ def real_workload(runs: int, kernel_why: str) -> dict[str, Any]:
     # the interpreter itself, not a wrapper script (pyenv's shim would be traced too)
     py = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
     argv = [os.path.realpath(py), "-c", WORKLOAD]
-    base = sorted(_wall(argv) for _ in range(runs))[runs // 2]
+    plain = [_times(argv) for _ in range(runs)]
+    base, base_cpu = _median(p[0] for p in plain), _median(p[1] for p in plain)
     # emuprobe's own start-up and exit (Python, ELF parsing), taken off per-hit figures
-    true = sorted(_wall(["/bin/true"]) for _ in range(runs))[runs // 2]
-    startup = sorted(trace("emulate", ["libc:malloc"], ["/bin/true"])["seconds"]
-                     for _ in range(runs))[runs // 2] - true
+    true_cpu = _median(_times(["/bin/true"])[1] for _ in range(runs))
+    startup = _median(trace("emulate", ["libc:malloc"], ["/bin/true"])["cpu"]
+                      for _ in range(runs)) - true_cpu
     out: dict[str, Any] = {"command": f"python3 -c \"{WORKLOAD}\"", "untraced_s": base,
-                           "emuprobe_startup_s": startup}
+                           "untraced_cpu_s": base_cpu, "emuprobe_startup_cpu_s": startup}
     for s in STRATEGIES:
         rs = [trace(s, ["libc:malloc"], argv) for _ in range(runs)]
         rs.sort(key=lambda r: r["seconds"])
         med = rs[runs // 2]
+        cpu = _median(r["cpu"] for r in rs)
         hits = med["hits"].get("malloc") or 0
         out[s] = {"seconds": med["seconds"], "overhead": med["seconds"] / base, "hits": hits,
-                  "us_per_hit": (med["seconds"] - base - startup) / hits * 1e6 if hits else None,
+                  "cpu_s": cpu, "cpu_overhead": cpu / base_cpu,
+                  "us_per_hit": (cpu - base_cpu - startup) / hits * 1e6 if hits else None,
                   "rss_mb": max((r["rss_mb"] or 0) for r in rs)}
     if not kernel_why:
         from emuprobe.breakpoints.elfimage import ElfImage
@@ -166,17 +172,34 @@ def real_workload(runs: int, kernel_why: str) -> dict[str, Any]:
         libc = find_library_on_disk("libc") or "libc.so.6"
         off = ElfImage.open(libc).resolve("malloc").file_offset
         with kcount.KernelCount(libc, {"malloc": off}) as k:
-            kr = sorted((k.run(argv) for _ in range(runs)), key=lambda r: r.seconds)[runs // 2]
+            krs = []
+            for _ in range(runs):
+                c0 = _children_cpu()
+                krs.append((k.run(argv), _children_cpu() - c0))
+        krs.sort(key=lambda r: r[0].seconds)
+        kr = krs[runs // 2][0]
+        cpu = _median(c for _, c in krs)
         hits = kr.counts.get("malloc") or 0
         out["kernel"] = {"seconds": kr.seconds, "overhead": kr.seconds / base, "hits": hits,
-                         "us_per_hit": (kr.seconds - base) / hits * 1e6 if hits else None}
+                         "cpu_s": cpu, "cpu_overhead": cpu / base_cpu,
+                         "us_per_hit": (cpu - base_cpu) / hits * 1e6 if hits else None}
     return out
 
 
-def _wall(argv: list[str]) -> float:
-    t0 = time.perf_counter()
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _times(argv: list[str]) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    c0, t0 = _children_cpu(), time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, _children_cpu() - c0
+
+
+def _median(xs: Any) -> float:
+    return float(statistics.median(list(xs)))
 
 
 def attach_many(count: int) -> dict[str, Any]:

@@ -44,15 +44,15 @@ def extras_markdown(r: dict[str, Any]) -> str:
     wl = r.get("workload")
     if wl:
         out += ["## Real workload: libc:malloc probe", "", f"`{wl['command']}`, untraced "
-                f"{wl['untraced_s']:.3f} s; emuprobe's own start-up and exit, "
-                f"{wl.get('emuprobe_startup_s', 0):.3f} s, is taken off the per-hit figures "
-                "(wall times, not pinned).", "",
-                "| strategy | wall s | overhead | malloc hits | µs per hit |",
-                "|---|---|---|---|---|"]
+                f"{wl['untraced_s']:.3f} s wall, {wl['untraced_cpu_s']:.3f} s CPU.  Not pinned."
+                f"  Per hit: CPU time, less the untraced run and emuprobe's own start-up and"
+                f" exit ({wl['emuprobe_startup_cpu_s']:.3f} s CPU).", "",
+                "| strategy | wall s | wall overhead | CPU s | CPU overhead | malloc hits |"
+                " µs CPU per hit |", "|---|---|---|---|---|---|---|"]
         for name, v in _per_tool(wl):
-            per = f"{v['us_per_hit']:.1f}" if v.get("us_per_hit") else "?"
+            per = f"{v['us_per_hit']:.1f}" if v.get("us_per_hit") is not None else "?"
             out.append(f"| {name} | {v['seconds']:.3f} | {v['overhead']:.2f}x | "
-                       f"{v['hits']} | {per} |")
+                       f"{v['cpu_s']:.3f} | {v['cpu_overhead']:.2f}x | {v['hits']} | {per} |")
         out.append("")
     at = r.get("attach")
     if at:
