@@ -22,7 +22,9 @@ from pathlib import Path
 
 LOCKSTEP = (
     ["/bin/ls", "-la", "/usr/bin"],
-    ["python3", "-c",
+    # /usr/bin/python3 rather than a PATH lookup, which may find a pyenv shim (a
+    # bash script that execs pyenv, that execs Python: mostly not Python)
+    ["/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3", "-c",
      "import json,zlib; print(len(zlib.compress(json.dumps(list(range(1000))).encode())))"],
 )  # fmt: skip
 
