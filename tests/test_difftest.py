@@ -97,18 +97,21 @@ def test_oracle_reports_the_fault() -> None:
 
 
 def test_oracle_runs_500_cases_a_second(capsys: pytest.CaptureFixture[str]) -> None:
-    """Native step plus the engine's per-hit path, comparator included."""
+    """Native step plus the engine's per-hit path, comparator included.  Timed
+    in this process's CPU time (where nearly all of it is spent): wall time
+    on this shared machine swings with other load."""
     with Runner(explore=False) as r:
         cases = [case(h, rdi=DATA + 0x100) for h in ("4801d8", "488b07", "55", "0f2807", "c3")]
         for c in cases:  # warm up: Unicorn's first translation of each
             r.check(c, record=False)
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 1.0:
+        n, start, wall = 0, time.process_time(), time.perf_counter()
+        while time.process_time() - start < 0.5:
             r.check(cases[n % len(cases)], record=False)
             n += 1
-        rate = n / (time.perf_counter() - start)
+        rate = n / (time.process_time() - start)
+        wall_rate = n / (time.perf_counter() - wall)
     with capsys.disabled():
-        print(f"\noracle: {rate:.0f} cases/s (native + engine + compare)")
+        print(f"\noracle: {rate:.0f} cases/s of CPU time, {wall_rate:.0f}/s wall")
     assert rate >= 500
 
 
@@ -295,3 +298,16 @@ def test_cli_campaign_table_json_and_trust_update(tmp_path: Path) -> None:
     assert all(k.startswith("add ") for k in data["classes"])
     proven = trust.TrustTable.load(table)
     assert "add r64,r64" in proven and proven.classes["add r64,r64"] >= 5
+
+
+def test_update_trust_never_retrusts_a_disproved_class() -> None:
+    from emuprobe.difftest.report import update_trust
+
+    with Runner(explore=False) as r:
+        for i in range(30):
+            r.check(case("4801d8", rax=i, rbx=(1 << 63) + i))  # add rax, rbx
+        assert r.stats["add r64,r64"].proven == 30
+        fresh = update_trust(r, trust.TrustTable(25), 25, {})
+        assert fresh.classes == {"add r64,r64": 30}
+        disproved = trust.TrustTable(25, {}, untrusted={"add r64,r64": "rax: cpu 1 engine 2"})
+        assert "add r64,r64" not in update_trust(r, disproved, 25, {})

@@ -161,13 +161,15 @@ def update_trust(
 ) -> TrustTable:
     """`table` plus the classes this campaign proved, minus any it caught
     mismatching.  Classes refused by policy are never entered."""
-    classes = dict(table.classes)
+    classes, untrusted = dict(table.classes), dict(table.untrusted)
     for key, s in runner.stats.items():
-        if s.mismatches or s.counts[POLICY] == s.cases:  # the policy now refuses it all
+        if s.mismatches and s.first_mismatch is not None and s.first_mismatch.verdict:
+            untrusted[key] = s.first_mismatch.verdict.diffs[0]
+        if key in untrusted or s.counts[POLICY] == s.cases:  # the policy now refuses it all
             classes.pop(key, None)
-        elif s.proven >= min_cases and s.counts[POLICY] < s.cases:
+        elif s.proven >= min_cases:
             classes[key] = max(classes.get(key, 0), s.proven)
-    return TrustTable(min_cases, classes, meta)
+    return TrustTable(min_cases, classes, meta, untrusted)
 
 
 _DIFF = re.compile(r"^(\S+): cpu (.+?) engine (.+)$")

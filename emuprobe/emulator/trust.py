@@ -72,6 +72,9 @@ class TrustTable:
     min_cases: int = DEFAULT_MIN_CASES
     classes: dict[str, int] = field(default_factory=dict)  # class -> cases proven
     meta: dict[str, Any] = field(default_factory=dict)  # how the table was produced
+    # class -> the mismatch that disproved it: never trusted again by a later
+    # campaign that happens not to hit the same corner
+    untrusted: dict[str, str] = field(default_factory=dict)
 
     def __contains__(self, key: str) -> bool:
         return key in self.classes
@@ -79,12 +82,18 @@ class TrustTable:
     @classmethod
     def load(cls, path: Path | str) -> TrustTable:
         raw = json.loads(Path(path).read_text())
-        return cls(int(raw["min_cases"]), dict(raw["classes"]), dict(raw.get("meta", {})))
+        return cls(
+            int(raw["min_cases"]),
+            dict(raw["classes"]),
+            dict(raw.get("meta", {})),
+            dict(raw.get("untrusted", {})),
+        )
 
     def dump(self) -> str:
         raw = {
             "min_cases": self.min_cases,
             "meta": self.meta,
+            "untrusted": dict(sorted(self.untrusted.items())),
             "classes": dict(sorted(self.classes.items())),
         }
         return json.dumps(raw, indent=1) + "\n"
