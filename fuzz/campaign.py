@@ -30,6 +30,7 @@ LOCKSTEP = (
 
 
 def run_jobs(examples: int, seed: int, jobs: int, out_dir: Path) -> list[dict]:
+    """Start one `emuprobe difftest` per job and wait for all; their JSON."""
     procs = []
     for i in range(jobs):
         out = out_dir / f"seed{seed + i}.json"
@@ -52,7 +53,8 @@ def merge(results: list[dict]) -> dict:
             m = classes.setdefault(key, {"mnemonic": c["mnemonic"], "trusted": c["trusted"]})
             for field in ("cases", "match", "fault", "refused", "mismatch", "policy", "noplan",
                           "masked"):  # fmt: skip
-                m[field] = m.get(field, 0) + c.get(field, 0)
+                count = c.get(field, 0)
+                m[field] = m.get(field, 0) + (count if isinstance(count, int) else 0)
     compared = ("match", "fault", "refused", "mismatch")
     return {
         "cases": sum(r["totals"]["cases"] for r in results),

@@ -85,8 +85,9 @@ def _campaign(args: argparse.Namespace) -> int:
     )
     from .runner import Runner
 
+    # top-ups (more cases for classes short of proof) only matter for the table
     cfg = Config(examples=args.examples, seed=args.seed, glob=args.mnemonic,
-                 min_cases=args.min_cases)  # fmt: skip
+                 min_cases=args.min_cases, topup=args.update_trust)  # fmt: skip
     table = trust.table()
     with Runner(explore=not args.no_explore) as runner:
         bar = ProgressBar(cfg.examples)

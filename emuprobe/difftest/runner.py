@@ -121,7 +121,7 @@ class ClassStats:
             "cases": self.cases,
             **{k: v for k, v in sorted(self.counts.items())},
             "masked": self.masked,
-            "policy": self.policy,
+            "policy_reason": self.policy,
             "explored_mismatches": self.explored_mismatches,
         }
 

@@ -175,7 +175,11 @@ def _refusal(insn: capstone.CsInsn, code: bytes) -> str | None:
         return policy.XCHG_MEMORY
     if base == "cmpxchg" and insn.operands[0].type == csx.X86_OP_REG:
         return "cmpxchg to a register: QEMU zero-extends a 32-bit destination the CPU keeps"
-    if base in policy.SSE_SAFE and _ignored_mandatory_prefix(insn, code, prefixes):
+    if base in ("shld", "shrd") and insn.imm_size and _rip_relative(insn):
+        return f"{base} [rip+d], r, imm8: Unicorn computes the address as if there were no imm8"
+    if (base in policy.SSE_SAFE or base == "movbe") and _ignored_mandatory_prefix(
+        insn, code, prefixes
+    ):
         return f"{base} with a prefix its encoding does not use: may be #UD natively"
     if insn.opcode[0] in (0xC6, 0xC7) and insn.rex & 4:
         return "REX.R on mov r/m, imm: Unicorn reads it into the /0 and raises #UD"
@@ -203,6 +207,10 @@ def _ignored_mandatory_prefix(insn: capstone.CsInsn, code: bytes, prefixes: byte
         if alt is not None and (alt.mnemonic, alt.op_str) == (insn.mnemonic, insn.op_str):
             return True
     return False
+
+
+def _rip_relative(insn: capstone.CsInsn) -> bool:
+    return any(op.type == csx.X86_OP_MEM and op.mem.base == csx.X86_REG_RIP for op in insn.operands)
 
 
 def _legacy_prefixes(code: bytes) -> bytes:
