@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import signal
+import sys
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -106,4 +107,6 @@ def _record_crash(runner: Runner, raw: bytes, status: int) -> None:
     policy = plan.reason if isinstance(plan, NativeStep) else ""
     verdict = Verdict(MISMATCH, (f"the engine crashed the process ({how})",))
     mnem = insn.mnemonic if insn is not None else key
+    print(f"difftest: a worker died ({how}) on {case.code.hex()} ({key}); recorded as a "
+          "mismatch, the rest of its chunk is lost", file=sys.stderr)  # fmt: skip
     runner.record(Result(key, mnem, MISMATCH, verdict, policy, case))
