@@ -73,6 +73,7 @@ def _worker(runner: Runner, work: Callable[[], None], wr: int, last_fd: int) -> 
     try:
         runner.sandbox = sandbox = Sandbox()  # the parent's stays the parent's
         runner.emulator = Emulator()
+        runner.explorer = Emulator() if runner.explore else runner.emulator
         runner.last_case_fd = last_fd
         stopped = None
         try:

@@ -132,6 +132,10 @@ class Runner:
     def __init__(self, explore: bool = True, emulator: Emulator | None = None) -> None:
         self.explore = explore  # also run policy-refused classes, with the policy off
         self.emulator = emulator or Emulator()
+        # Policy-refused instructions run on a Unicorn of their own: some leave
+        # state in it (CR0.TS: every later SSE instruction raises #NM) that the
+        # engine's machine, which never runs them, must not inherit.
+        self.explorer = Emulator() if explore else self.emulator
         self.sandbox = Sandbox()
         self.stats: dict[str, ClassStats] = {}
         self.cases = 0
@@ -185,6 +189,6 @@ class Runner:
         repeat = isinstance(plan, UnicornStep) and plan.rep and case.gprs[2] <= policy.REP_LIMIT
         cpu = sb.run_native(inp, repeat)
         sets = sb.fp.sets
-        result, eng = sb.run_engine(inp, plan, self.emulator)
+        result, eng = sb.run_engine(inp, plan, self.explorer if reason else self.emulator)
         verdict = compare(insn, inp, cpu, result, eng, sb.fp.sets - sets)
         return Result(key, mnem, verdict.kind, verdict, reason, case)
