@@ -70,6 +70,11 @@ class Report:
     exit_status: int = 0
 
 
+def _reason_kind(reason: str) -> str:
+    """A refusal reason without its addresses and counts, for tallying."""
+    return " ".join(w for w in reason.split(":")[0].split() if not w[:1].isdigit())
+
+
 def _spawn(argv: list[str]) -> int:
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -216,7 +221,7 @@ class Lockstep:
         fp_before = pt.getfpregs(self.pid) if unicorn and plan.needs_fp else None  # type: ignore[union-attr]
         result = self.emu.step(plan, code, after, self.mem, fp)
         if not isinstance(result, Emulated):
-            rep.skipped["refused at this hit"] += 1
+            rep.skipped["refused at this hit (" + _reason_kind(result.reason) + ")"] += 1
             return None
         operands = _operands_ea(insn, before) if insn is not None else []
         old = {ea: self._peek(ea, size) for ea, size in operands}
