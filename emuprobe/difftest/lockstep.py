@@ -30,6 +30,7 @@ from ..breakpoints.memory import ProcessMemory
 from ..emulator import policy
 from ..emulator.decode import NativeStep, Plan, UnicornStep, analyze
 from ..emulator.execute import Emulated, Emulator
+from ..emulator.oracle import end_traced
 from ..emulator.regs import EMULATED_FLAGS, GPR_NAMES, MASK64, full_register
 from .runner import decode
 from .undefined import undefined
@@ -191,12 +192,7 @@ class Lockstep:
 
     def close(self) -> None:
         if self.pid:
-            self.mem.close()
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            end_traced(self.pid, self.mem)
             self.pid = 0
 
     def _prepare(self, regs: pt.UserRegs) -> _Check | None:

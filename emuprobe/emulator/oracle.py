@@ -122,6 +122,16 @@ def _rseq_size() -> int:
     return ctypes.c_uint.in_dll(_libc, "__rseq_size").value
 
 
+def end_traced(pid: int, mem: ProcessMemory) -> None:
+    """Close `mem`, kill the traced child `pid` and reap it."""
+    mem.close()
+    try:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
 def _child() -> None:  # pragma: no cover - runs in the forked child only
     try:
         os.setpgid(0, 0)  # the terminal's ^C must not reach it
@@ -204,12 +214,7 @@ class Sandbox:
 
     def close(self) -> None:
         if self.pid:
-            self.mem.close()
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-                os.waitpid(self.pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
+            end_traced(self.pid, self.mem)
             self.pid = 0
 
     def __enter__(self) -> Sandbox:
