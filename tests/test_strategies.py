@@ -11,14 +11,12 @@ the others lose none.
 from __future__ import annotations
 
 import json
-import re
-import subprocess
-import time
 from collections import Counter
 
 import pytest
+from test_vs_kernel import _maps_when_paused  # maps of firstinsn once it printed PAUSED
 
-from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
+from conftest import EMUPROBE, hits, run_traced
 from emuprobe.api import Tracer
 from emuprobe.breakpoints.hotloop import HotLoop
 from emuprobe.breakpoints.xolinsn import prepare
@@ -72,22 +70,6 @@ def test_xol_slot_rewrites():
     assert prepare(bytes.fromhex("ff15f0000000")).kind == "call_indirect"
     assert prepare(bytes.fromhex("f3a4")).rep
     assert prepare(bytes.fromhex("0f05")).refused  # syscall goes native
-
-
-def _maps_when_paused(argv: list[str], started: list, traced: bool) -> list[str]:
-    p = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-    started.append(p)
-    assert p.stdout is not None
-    for line in p.stdout:
-        if line.strip() == "PAUSED":
-            break
-    pid = p.pid
-    if traced:  # the fixture is emuprobe's child
-        assert wait_for(lambda: bool(children_of(p.pid)))
-        pid = children_of(p.pid)[0]
-    time.sleep(0.05)
-    with open(f"/proc/{pid}/maps") as f:
-        return [re.sub(r"\s+", " ", line.strip()) for line in f]
 
 
 def _shapes(maps: list[str]) -> Counter[str]:
