@@ -149,28 +149,27 @@ def test_refused_kind_errors_when_mapped(
     assert not group_listed(k.group)
 
 
-def test_uprobes_vma_after_xol_hit(tmp_path: Path, paused: list[subprocess.Popen[str]]) -> None:
-    """A RIP-relative load is single-stepped out of line: [uprobes] appears."""
+def maps_after_hits(tmp_path: Path, symbol: str, procs: list[subprocess.Popen[str]]) -> str:
+    """/proc/PID/maps of a private firstinsn, kernel-probed at `symbol`, once
+    it paused after its 10 hits (which the probe must have counted)."""
     exe = fb.build("firstinsn", "O0-pie", out_dir=tmp_path)
     with kernel.KernelUprobes() as k:
-        k.add(str(exe), fb.symbol_offset(exe, "f_riprel_load"), name="riprel")
-        pid = start_paused(exe, 10, paused)
+        k.add(str(exe), fb.symbol_offset(exe, symbol), name=symbol)
+        pid = start_paused(exe, 10, procs)
         with open(f"/proc/{pid}/maps") as f:
             maps = f.read()
-        assert k.hits() == {"riprel": 10}
-    assert "[uprobes]" in maps
+        assert k.hits() == {symbol: 10}
+    return maps
+
+
+def test_uprobes_vma_after_xol_hit(tmp_path: Path, paused: list[subprocess.Popen[str]]) -> None:
+    """A RIP-relative load is single-stepped out of line: [uprobes] appears."""
+    assert "[uprobes]" in maps_after_hits(tmp_path, "f_riprel_load", paused)
 
 
 def test_no_vma_when_kernel_emulates(tmp_path: Path, paused: list[subprocess.Popen[str]]) -> None:
     """push rbp is emulated by the kernel: hits, but no XOL area is mapped."""
-    exe = fb.build("firstinsn", "O0-pie", out_dir=tmp_path)
-    with kernel.KernelUprobes() as k:
-        k.add(str(exe), fb.symbol_offset(exe, "f_push"), name="push")
-        pid = start_paused(exe, 10, paused)
-        with open(f"/proc/{pid}/maps") as f:
-            maps = f.read()
-        assert k.hits() == {"push": 10}
-    assert "[uprobes]" not in maps
+    assert "[uprobes]" not in maps_after_hits(tmp_path, "f_push", paused)
 
 
 def test_removed_when_body_raises(tmp_path: Path) -> None:
