@@ -226,6 +226,15 @@ FAST = [
     ("bnd jmp", "f2e900010000", {}, 0x202),
     ("call rel32", "e800010000", {}, 0x202),
     ("call back", "e8f0feffff", {}, 0x202),
+    ("load r64,[rip+d]", rip_rel("488b05", DATA + 0x48), {}, 0x202),
+    ("load r32,[rip+d] zero-extends", rip_rel("8b05", DATA + 0x4C), {"rax": (1 << 64) - 1}, 0x202),
+    ("load r13,[rbp+8]", "4c8b6d08", {"rbp": DATA + 0x40}, 0x202),
+    ("load rsp,[rsp]", "488b2424", {}, 0x202),
+    ("load across a page", "488b4001", {"rax": DATA + 0xFFB}, 0x202),
+    ("store [rsp-8],rdi", "48897c24f8", {}, 0x202),
+    ("store [rbp-0x14],edi", "897dec", {"rbp": DATA + 0x80, "rdi": 0x1122334455667788}, 0x202),
+    ("store [rip+d],r9", rip_rel("4c890d", DATA + 0x50), {}, 0x202),
+    ("store [rsp],rsp", "48892424", {}, 0x202),
 ]
 
 
@@ -321,7 +330,7 @@ def test_unicorn_step_matches_cpu(
     tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], eflags: int, undefined: int
 ) -> None:
     st = State(bytes.fromhex(hexcode), regs=regs, eflags=eflags)
-    plan = plan_for(st.code, SITE)
+    plan = plan_for(st.code, SITE, fast=False)  # some of these have a FastPath too
     assert isinstance(plan, UnicornStep), describe(plan)
     difftest(tracee, emu, st, undefined, plan)
 
@@ -442,15 +451,19 @@ FAULTS = [
     ("misaligned movaps", "0f2847 01".replace(" ", ""), {}, signal.SIGSEGV),
     ("divide by zero", "48f7f1", {"rcx": 0}, signal.SIGFPE),
     ("ret to stack in ro", "c3", {"rsp": 0x20}, signal.SIGSEGV),
+    ("load r32 non-canonical", "8b4008", {"rax": 1 << 63}, signal.SIGSEGV),
+    ("store r32 to read-only page", "897e04", {"rsi": RO + 8}, signal.SIGSEGV),
+    ("store across into read-only", "48897ef8", {"rsi": RO + 4}, signal.SIGSEGV),
 ]
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "unicorn"])
 @pytest.mark.parametrize("hexcode,regs,sig", [c[1:] for c in FAULTS], ids=[c[0] for c in FAULTS])
 def test_fault_is_refused_with_nothing_changed(
-    tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], sig: int
+    tracee: Tracee, emu: Emulator, hexcode: str, regs: dict[str, int], sig: int, fast: bool
 ) -> None:
     st = State(bytes.fromhex(hexcode), regs=regs)
-    plan = plan_for(st.code, SITE)
+    plan = plan_for(st.code, SITE, fast=fast)
     assert not isinstance(plan, NativeStep), describe(plan)
     got, _ = tracee.native(st)
     assert got == sig
@@ -519,7 +532,10 @@ def test_policy_refuses(hexcode: str, why: str) -> None:
 
 def test_read_of_the_stop_byte_is_refused(tracee: Tracee, emu: Emulator) -> None:
     st = State(bytes.fromhex("488b05f9ffffff"))  # mov rax, [rip-7]: 8 bytes from itself
-    assert "stop byte" in assert_refused(tracee, emu, st, plan_for(st.code, SITE)).reason
+    unicorn = plan_for(st.code, SITE, fast=False)
+    assert "stop byte" in assert_refused(tracee, emu, st, unicorn).reason
+    # the FastPath plants no stop byte, and shows its own bytes, not the int3
+    assert isinstance(difftest(tracee, emu, st), FastPath)
 
 
 def test_ac_flag_and_native_plans_are_refused(tracee: Tracee, emu: Emulator) -> None:

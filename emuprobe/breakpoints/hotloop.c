@@ -8,7 +8,7 @@
  * What: hot_wait() reaps stops; a plain SIGTRAP stop of a thread bound to an
  * address space, at a site registered in it, is handled here and counted, and
  * the loop goes on.  Anything else (another stop, an unknown thread or site,
- * a store outside the ranges known to be writable, any failure) is returned
+ * a memory access outside the ranges known to allow it, any failure) is returned
  * to Python untouched, which handles it as if this loop did not exist.
  * Python registers only sites whose FastPath it has just executed itself, and
  * only for probes without handlers, so the semantics are FastPath's:
@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/ptrace.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <sys/user.h>
 #include <sys/wait.h>
 
@@ -29,6 +30,9 @@
 #define HOT_MOV 2
 #define HOT_JMP 3
 #define HOT_CALL 4
+#define HOT_LOAD 5  /* mov r, [base+disp] */
+#define HOT_STORE 6 /* mov [base+disp], r */
+#define BASE_RIP 0xffff
 
 #define TID_SLOTS 4096 /* open addressing, power of two */
 #define SITE_SLOTS 8192
@@ -43,13 +47,16 @@ struct hot_site {
     uint8_t op, len;
     uint16_t src, dst; /* byte offsets into user_regs_struct */
     uint64_t target;   /* jmp/call: the absolute target */
+    int64_t disp;      /* load/store: address = base + disp */
+    uint16_t base;     /* load/store: offset into user_regs_struct, or BASE_RIP (the next insn) */
+    uint8_t size;      /* load/store: 4 or 8 bytes */
 };
 
 static int32_t tid_key[TID_SLOTS];
 static int32_t tid_val[TID_SLOTS];
 static struct hot_site sites[SITE_SLOTS];
 static int nsites;
-static struct { int32_t aspace; uint64_t lo, hi; } ranges[MAX_RANGES];
+static struct { int32_t aspace; int32_t writable; uint64_t lo, hi; } ranges[MAX_RANGES];
 static int nranges;
 
 static unsigned hash64(uint64_t x)
@@ -124,7 +131,7 @@ static struct hot_site *find_site(int aspace, uint64_t addr, int insert)
 }
 
 int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
-                 uint64_t target, int counter)
+                 uint64_t target, int counter, int base, int64_t disp, int size)
 {
     if (nsites >= SITE_SLOTS / 2)
         return -1; /* keep the table sparse; the rest stay on the Python path */
@@ -141,19 +148,26 @@ int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
     s->dst = (uint16_t)dst;
     s->target = target;
     s->counter = counter;
+    s->base = (uint16_t)base;
+    s->disp = disp;
+    s->size = (uint8_t)size;
     return 0;
 }
 
-/* [lo, hi) of `aspace` is a writable, non-executable mapping (Python checked
- * it against /proc/PID/maps, as fastpath.store does). */
-int hot_add_range(int aspace, uint64_t lo, uint64_t hi)
+/* [lo, hi) of `aspace` is a readable, non-executable mapping, also writable
+ * if `writable` (Python checked it against /proc/PID/maps, as
+ * fastpath.check_access does). */
+int hot_add_range(int aspace, uint64_t lo, uint64_t hi, int writable)
 {
     for (int i = 0; i < nranges; i++)
-        if (ranges[i].aspace == aspace && ranges[i].lo == lo && ranges[i].hi == hi)
+        if (ranges[i].aspace == aspace && ranges[i].lo == lo && ranges[i].hi == hi) {
+            ranges[i].writable = writable;
             return 0;
+        }
     if (nranges >= MAX_RANGES)
         return -1;
     ranges[nranges].aspace = aspace;
+    ranges[nranges].writable = writable;
     ranges[nranges].lo = lo;
     ranges[nranges].hi = hi;
     nranges++;
@@ -174,12 +188,25 @@ void hot_forget(int aspace)
             i++;
 }
 
-static int store_ok(int aspace, uint64_t addr)
+/* [addr, addr+size) lies in one known range that allows the access. */
+static int access_ok(int aspace, uint64_t addr, unsigned size, int write)
 {
     for (int i = 0; i < nranges; i++)
-        if (ranges[i].aspace == aspace && ranges[i].lo <= addr && addr + 8 <= ranges[i].hi)
-            return 1;
+        if (ranges[i].aspace == aspace && ranges[i].lo <= addr && addr + size <= ranges[i].hi &&
+            addr + size > addr)
+            return !write || ranges[i].writable;
     return 0;
+}
+
+/* Exactly `size` bytes, as the instruction moves them: PEEK/POKEDATA move 8,
+ * and a read-modify-write of 8 for a 4-byte store could lose another thread's
+ * store to the other 4.  process_vm_* also honour the page protections. */
+static int vm_copy(pid_t tid, uint64_t addr, void *buf, unsigned size, int write)
+{
+    struct iovec local = {buf, size}, remote = {(void *)addr, size};
+    ssize_t n = write ? process_vm_writev(tid, &local, 1, &remote, 1, 0)
+                      : process_vm_readv(tid, &local, 1, &remote, 1, 0);
+    return n == (ssize_t)size ? 0 : -1;
 }
 
 #define REG(r, off) (*(unsigned long long *)((char *)(r) + (off)))
@@ -218,12 +245,27 @@ static int handle(pid_t tid, uint64_t *counters)
     case HOT_CALL: {
         uint64_t sp = r.rsp - 8;
         uint64_t value = s->op == HOT_PUSH ? REG(&r, s->src) : next; /* push rsp: old value */
-        if (!store_ok(aspace, sp))
+        if (!access_ok(aspace, sp, 8, 1))
             return -1;
         if (ptrace(PTRACE_POKEDATA, tid, (void *)sp, (void *)value) < 0)
             return -1;
         r.rsp = sp;
         r.rip = s->op == HOT_PUSH ? next : s->target;
+        break;
+    }
+    case HOT_LOAD:
+    case HOT_STORE: {
+        uint64_t base = s->base == BASE_RIP ? next : REG(&r, s->base);
+        uint64_t at = base + (uint64_t)s->disp;
+        int write = s->op == HOT_STORE;
+        if (!access_ok(aspace, at, s->size, write))
+            return -1;
+        uint64_t value = write ? REG(&r, s->src) : 0; /* little-endian: low bytes first */
+        if (vm_copy(tid, at, &value, s->size, write) < 0)
+            return -1;
+        if (!write)
+            REG(&r, s->dst) = value; /* a 4-byte load zero-extends */
+        r.rip = next;
         break;
     }
     default:

@@ -14,18 +14,33 @@ import errno
 import os
 from typing import Any
 
+from ..emulator.decode import FastPath
 from . import ptrace
-from .maps import PROT_EXEC, PROT_WRITE
+from .maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from .sites import AddressSpace, ProbeSite
 from .tracee import Thread
 
-OPS = {"nop": 0, "push": 1, "mov": 2, "jmp": 3, "call": 4}
+OPS = {"nop": 0, "push": 1, "mov": 2, "jmp": 3, "call": 4, "load": 5, "store": 6}
+BASE_RIP = 0xFFFF  # hotloop.c: a load/store address based on the next instruction
 MAX_SITES = 4096
 MASK64 = (1 << 64) - 1
 
 
 def _offset(field: str) -> int:
     return int(getattr(ptrace.UserRegs, field).offset)
+
+
+def _access(plan: FastPath, after: ptrace.UserRegs, addr: int) -> tuple[int, bool] | None:
+    """(data address, is a store) of the hit just emulated at `addr`, from the
+    registers after it (a load must not have overwritten its base); None for
+    a plan without memory access."""
+    if plan.op in ("push", "call"):
+        return after.rsp, True
+    if plan.op not in ("load", "store"):
+        return None
+    if plan.base == "rip":
+        return (addr + plan.length + plan.imm) & MASK64, plan.op == "store"
+    return (getattr(after, plan.base) + plan.imm) & MASK64, plan.op == "store"
 
 
 class HotLoop:
@@ -73,14 +88,20 @@ class HotLoop:
             self._next_id += 1
         self._lib.hot_bind(thread.tid, aid)
         plan = site.plan
-        op = OPS.get(getattr(plan, "op", ""))
-        if op is None or any(p.handlers for p in site.probes):
+        if not isinstance(plan, FastPath) or any(p.handlers for p in site.probes):
             return
-        if op in (OPS["push"], OPS["call"]):
-            m = aspace.memory.region(regs.rsp)
-            if m is None or not m.prot & PROT_WRITE or m.prot & PROT_EXEC:
+        op = OPS.get(plan.op)
+        if op is None or plan.op == "load" and plan.dst == plan.base:
+            return  # a load that overwrote its base: its address is lost
+        access = _access(plan, regs, addr)
+        if access is not None:
+            at, write = access
+            m = aspace.memory.region(at)
+            need = PROT_WRITE if write else PROT_READ
+            if m is None or not m.prot & need or m.prot & PROT_EXEC:
                 return
-            self._lib.hot_add_range(aid, m.start, m.end)  # one per stack, not per site
+            # one range per mapping (a stack, a .data), not per site
+            self._lib.hot_add_range(aid, m.start, m.end, int(bool(m.prot & PROT_WRITE)))
         if (aid, addr) in self._offered:
             return
         self._offered.add((aid, addr))
@@ -94,7 +115,11 @@ class HotLoop:
         target = regs.rip if op in (OPS["jmp"], OPS["call"]) else 0
         src = _offset(plan.src) if plan.src else 0
         dst = _offset(plan.dst) if plan.dst else 0
-        self._lib.hot_add_site(aid, addr, op, plan.length, src, dst, target & MASK64, index)
+        base = BASE_RIP if plan.base == "rip" else _offset(plan.base) if plan.base else 0
+        disp = plan.imm if plan.base else 0
+        self._lib.hot_add_site(
+            aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size
+        )
 
     def unbind(self, tid: int) -> None:
         self._lib.hot_unbind(tid)

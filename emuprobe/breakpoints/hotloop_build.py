@@ -18,8 +18,8 @@ ffibuilder.cdef(
     int hot_bind(int tid, int aspace);
     void hot_unbind(int tid);
     int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
-                     uint64_t target, int counter);
-    int hot_add_range(int aspace, uint64_t lo, uint64_t hi);
+                     uint64_t target, int counter, int base, int64_t disp, int size);
+    int hot_add_range(int aspace, uint64_t lo, uint64_t hi, int writable);
     void hot_forget(int aspace);
     int hot_wait(int *tid, int *status, uint64_t *counters);
     """

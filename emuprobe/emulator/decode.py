@@ -28,9 +28,10 @@ from .regs import (
     RIP,
     Register,
     full_register,
+    is_gpr64,
 )
 
-FastOp = Literal["nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call"]
+FastOp = Literal["nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call", "load", "store"]
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,12 @@ class FastPath:
     length: int
     mnemonic: str
     text: str
-    dst: str = ""  # UserRegs field written (mov)
-    src: str = ""  # UserRegs field read (push, mov)
-    imm: int = 0  # add/sub immediate (unsigned 64-bit) or branch displacement from next
+    dst: str = ""  # UserRegs field written (mov, load)
+    src: str = ""  # UserRegs field read (push, mov, store)
+    imm: int = 0  # add/sub immediate (unsigned 64-bit), or the signed displacement
+    # of a branch target or of a load/store address, from `base` (rip: the next insn)
+    base: str = ""  # load/store: the UserRegs field the address is based on
+    size: int = 0  # load/store: bytes moved (4 or 8; a 4-byte load zero-extends)
 
 
 @dataclass(frozen=True)
@@ -277,12 +281,39 @@ def _fast_path(insn: capstone.CsInsn, text: str) -> FastPath | None:
         if dst in GPR_NAMES and src in GPR_NAMES:
             return FastPath("mov", size, mnem, text, dst=dst, src=src)
         return None
+    if mnem == "mov" and len(ops) == 2:
+        return _fast_load_store(insn, text)
     if mnem in ("add", "sub") and len(ops) == 2:
         if ops[0].type == csx.X86_OP_REG and insn.reg_name(ops[0].reg) == "rsp":
             if ops[1].type == csx.X86_OP_IMM:
                 kind: FastOp = "add_rsp" if mnem == "add" else "sub_rsp"
                 return FastPath(kind, size, mnem, text, imm=ops[1].imm & MASK64)
     return None
+
+
+def _fast_load_store(insn: capstone.CsInsn, text: str) -> FastPath | None:
+    """`mov r, [base+disp]` / `mov [base+disp], r` with a 32/64-bit register and a
+    base (a GPR or RIP) but no index or segment: the commonest memory operands of
+    prologues (RIP-relative loads of globals, spills to the stack frame)."""
+    ops = insn.operands
+    mem_at = 1 if ops[1].type == csx.X86_OP_MEM else 0
+    mem, reg_op = ops[mem_at], ops[1 - mem_at]
+    if mem.type != csx.X86_OP_MEM or reg_op.type != csx.X86_OP_REG:
+        return None
+    m = mem.mem
+    if mem.size not in (4, 8) or reg_op.size != mem.size or m.index or m.segment:
+        return None
+    reg = full_register(reg_op.reg)
+    base = full_register(m.base) if m.base else None
+    if reg is None or base is None or not (is_gpr64(reg.name) and base.field):
+        return None
+    if base.name != "rip" and not is_gpr64(base.name):
+        return None
+    if mem_at == 1:
+        return FastPath("load", insn.size, insn.mnemonic, text, dst=reg.name,
+                        imm=m.disp, base=base.name, size=mem.size)  # fmt: skip
+    return FastPath("store", insn.size, insn.mnemonic, text, src=reg.name,
+                    imm=m.disp, base=base.name, size=mem.size)  # fmt: skip
 
 
 def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:

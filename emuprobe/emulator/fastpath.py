@@ -9,7 +9,7 @@ first.  On refusal nothing has been changed.
 
 from __future__ import annotations
 
-from ..breakpoints.maps import PROT_EXEC, PROT_WRITE
+from ..breakpoints.maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from ..breakpoints.memory import ProcessMemory
 from ..breakpoints.ptrace import UserRegs
 from .decode import FastPath
@@ -54,6 +54,20 @@ def execute(plan: FastPath, regs: UserRegs, mem: ProcessMemory) -> str | None:
         regs.rsp = r
         regs.eflags = (regs.eflags & ~ARITH_FLAGS) | flags
         regs.rip = nxt
+    elif op == "load":
+        at = address(plan, regs)
+        loaded = load(mem, at, plan.size)
+        if isinstance(loaded, str):
+            return loaded
+        setattr(regs, plan.dst, int.from_bytes(loaded, "little"))  # 32-bit: zero-extended
+        regs.rip = nxt
+    elif op == "store":
+        at = address(plan, regs)
+        value = getattr(regs, plan.src) & ((1 << 8 * plan.size) - 1)
+        reason = store(mem, at, value.to_bytes(plan.size, "little"))
+        if reason is not None:
+            return reason
+        regs.rip = nxt
     elif op == "jmp":
         target = (nxt + plan.imm) & MASK64
         if not canonical(target):
@@ -74,20 +88,59 @@ def execute(plan: FastPath, regs: UserRegs, mem: ProcessMemory) -> str | None:
     return None
 
 
-def store(mem: ProcessMemory, addr: int, data: bytes) -> str | None:
-    """Write `data` at `addr` if the CPU would allow the store, else say why not."""
-    end = addr + len(data)
+def address(plan: FastPath, regs: UserRegs) -> int:
+    """The data address of a load/store plan, with RIP at the site."""
+    base = regs.rip + plan.length if plan.base == "rip" else getattr(regs, plan.base)
+    return (base + plan.imm) & MASK64
+
+
+def check_access(mem: ProcessMemory, addr: int, size: int, write: bool) -> str | None:
+    """Why the CPU would refuse (or we must not do) this access, or None.
+
+    Stores to executable pages are refused too: they may hold our int3s, and
+    self-modifying code goes native.  A non-canonical address is in no
+    mapping, so it is refused (natively: #GP)."""
+    kind = "store to" if write else "load from"
+    end = addr + size
     a = addr
     while a < end:
         m = mem.region(a)
         if m is None:
-            return f"store to unmapped address {a:#x}"
-        if not m.prot & PROT_WRITE:
-            return f"store to non-writable page at {a:#x}"
-        if m.prot & PROT_EXEC:
-            # may hold our int3s; self-modifying code goes native
-            return f"store to executable page at {a:#x}"
+            return f"{kind} unmapped address {a:#x}"
+        if not m.prot & (PROT_WRITE if write else PROT_READ):
+            return f"{kind} {'non-writable' if write else 'unreadable'} page at {a:#x}"
+        if write and m.prot & PROT_EXEC:
+            return f"{kind} executable page at {a:#x}"
         a = m.end
+    return None
+
+
+def load(mem: ProcessMemory, addr: int, size: int) -> bytes | str:
+    """The `size` bytes the program would read at `addr`, or why it could not.
+
+    Executable pages may hold our int3s: the program's own bytes are shown."""
+    reason = check_access(mem, addr, size, write=False)
+    if reason is not None:
+        return reason
+    try:
+        data = mem.read(addr, size)
+    except OSError as e:
+        return f"load at {addr:#x} failed: {e}"
+    if any(m.prot & PROT_EXEC for m in (mem.region(addr), mem.region(addr + size - 1)) if m):
+        out = bytearray(data)
+        for a, orig in mem.original_bytes_in(addr - 15, addr + size):
+            for i, b in enumerate(orig):
+                if 0 <= a + i - addr < size:
+                    out[a + i - addr] = b
+        data = bytes(out)
+    return data
+
+
+def store(mem: ProcessMemory, addr: int, data: bytes) -> str | None:
+    """Write `data` at `addr` if the CPU would allow the store, else say why not."""
+    reason = check_access(mem, addr, len(data), write=True)
+    if reason is not None:
+        return reason
     try:
         mem.write(addr, data)
     except OSError as e:
