@@ -51,6 +51,7 @@ class Tracer:
         self.pid = pid
         self.session = Session(follow=follow, strategy=strategy)
         self._specs: list[tuple[ProbeSpec, Probe]] = []
+        self._spec_ids: set[int] = set()  # id() of each spec in _specs, which keeps it alive
         self._probes: dict[str, Probe] = {}
 
     @classmethod
@@ -79,7 +80,8 @@ class Tracer:
             self._probes[parsed.name] = probe
         if handler is not None:
             probe.handlers.append(handler)
-        if all(s is not parsed for s, _ in self._specs):
+        if id(parsed) not in self._spec_ids:
+            self._spec_ids.add(id(parsed))
             self._specs.append((parsed, probe))
         return probe
 

@@ -80,32 +80,49 @@ def check_targets(
     `mapped` is the target's mappings when attaching (a library must then be
     mapped already), or None when spawning (it is looked up on disk).
     """
+    locate = _Locator(main_exe, mapped)
     targets = []
     for spec, probe in specs:
-        image = images.open(_checked_path(spec, main_exe, mapped))
+        image = images.open(locate.path(spec.binary))
         target = Target(spec, probe, image)
         target.resolve_in(image)
         targets.append(target)
     return targets
 
 
-def _checked_path(spec: ProbeSpec, main_exe: str, mapped: list[Mapping] | None) -> str:
-    binary = spec.binary
-    if binary is None:
-        return main_exe
-    if is_path_spec(binary):
-        return binary
-    if binary == os.path.basename(main_exe):
-        return main_exe
-    if mapped is not None:
-        for m in mapped:
-            if m.is_file and library_matches(binary, m.path):
-                return m.path
-        raise ProbeError(f"library '{binary}' is not mapped in the target process")
-    found = find_library_on_disk(binary, program_search_dirs(main_exe))
-    if found is None:
-        raise ProbeError(
-            f"library '{binary}' not found (searched the program's RUNPATH, LD_LIBRARY_PATH, "
-            "the ld.so cache and library directories); give its path"
-        )
-    return found
+class _Locator:
+    """Which file each BINARY of a spec names, decided once per BINARY per run:
+    a thousand probes in libc search the disk (and read the program's
+    RUNPATH) once, not a thousand times."""
+
+    def __init__(self, main_exe: str, mapped: list[Mapping] | None) -> None:
+        self.main_exe = main_exe
+        self.mapped = mapped
+        self._paths: dict[str | None, str] = {}
+
+    def path(self, binary: str | None) -> str:
+        found = self._paths.get(binary)
+        if found is None:
+            found = self._paths[binary] = self._find(binary)
+        return found
+
+    def _find(self, binary: str | None) -> str:
+        main_exe, mapped = self.main_exe, self.mapped
+        if binary is None:
+            return main_exe
+        if is_path_spec(binary):
+            return binary
+        if binary == os.path.basename(main_exe):
+            return main_exe
+        if mapped is not None:
+            for m in mapped:
+                if m.is_file and library_matches(binary, m.path):
+                    return m.path
+            raise ProbeError(f"library '{binary}' is not mapped in the target process")
+        found = find_library_on_disk(binary, program_search_dirs(main_exe))
+        if found is None:
+            raise ProbeError(
+                f"library '{binary}' not found (searched the program's RUNPATH, "
+                "LD_LIBRARY_PATH, the ld.so cache and library directories); give its path"
+            )
+        return found
