@@ -1,11 +1,11 @@
 """emuprobe's benchmark suite: python -m benchmarks [--quick] (also `emuprobe bench`).
 
 Compiles its fixtures, measures the per-hit cost of every strategy, the C
-ptrace floor, kernel uprobes and the peers on eight kinds of displaced
-instruction, then lost events, VMAs, the MAP_FIXED conflict, a real workload,
-attaching 1,000 probes and the tracer's RSS; writes JSON, markdown and a PNG
-to benchmarks/results/.  Missing peers and kernel uprobes are skipped with the
-reason.  Nothing here is run by `make test`.
+ptrace floors (emulating and out-of-line), kernel uprobes and the peers on
+each kind of displaced instruction in build.SITES, then lost events, VMAs,
+the MAP_FIXED conflict, a real workload, attaching 1,000 probes and the
+tracer's RSS; writes JSON, markdown and a PNG to benchmarks/results/.
+Missing peers and kernel uprobes are skipped with the reason.  Nothing here is run by `make test`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from emuprobe.perfbridge import kcount
 
 from . import report, scenarios
-from .build import SITES, build_all
+from .build import SITES, XOL_FLOOR, build_all
 from .perhit import Cell, measure, untraced_us
 from .progress import Progress
 from .targets import evaluate, targets_table
@@ -37,6 +37,7 @@ from .tools import (
     kernel_tool,
     ltrace_tool,
     strategy_tool,
+    xol_floor_tool,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -55,6 +56,8 @@ def _check(tool: Tool, func: str):  # type: ignore[no-untyped-def]
             got = kcount.parse_counts(out).get(func, 0)
             if got != calls:
                 return f"kernel counted {got} of {calls} hits (it refuses this instruction)"
+        if tool.name in ("floor", XOL_FLOOR) and f"hits={calls}\n" not in out:
+            return "the C floor tracer did not see every hit"
         if tool.name == "bpftrace" and f"@hits: {calls}" not in out:
             return "bpftrace did not count every hit"
         return ""
@@ -103,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             offsets = {f: built.file_offset(built.hot, f) for f, _ in SITES.values()}
             counter = kcount.KernelCount(str(built.hot), offsets).__enter__()
         try:
-            tools = [floor_tool(built), *(strategy_tool(built, s) for s in STRATEGIES),
+            tools = [floor_tool(built), xol_floor_tool(built),
+                     *(strategy_tool(built, s) for s in STRATEGIES),
                      kernel_tool(built, counter, kernel_why)]
             if not args.no_peers:
                 tools += [ltrace_tool(built), gdb_tool(built, Path(tmp)), bpftrace_tool(built)]

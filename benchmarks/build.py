@@ -23,6 +23,10 @@ SITES: dict[str, tuple[str, str]] = {
 }
 # What the C floor tracer does in place of the displaced instruction, and its length.
 FLOOR_OPS: dict[str, tuple[str, int]] = {"endbr": ("skip", 4), "push": ("push", 1)}
+# Where hot.c keeps a copy of the site's instruction for the C XOL floor to
+# single-step; both are position-independent, so the copy needs no fix-up.
+XOL_SLOTS: dict[str, str] = {"endbr": "h_xol_slot_endbr", "push": "h_xol_slot_push"}
+XOL_FLOOR = "xol floor"  # the name of that tool (tools.xol_floor_tool) in the results
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from .build import SITES
+from .build import SITES, XOL_FLOOR
 from .perhit import Cell
 
+HEADS = {"floor": "C floor"}
 COLUMNS = ("emulate", "xol", "inplace", "stopworld", "kernel", "ltrace", "gdb", "bpftrace")
 
 
@@ -43,12 +44,12 @@ def cell_text(c: Cell | None, floor: float | None) -> str:
 def perhit_table(cells: list[Cell]) -> str:
     floor = floor_us(cells)
     by = {(c.tool, c.kind): c for c in cells}
-    cols = [t for t in COLUMNS if any(c.tool == t for c in cells)]
-    head = "| site (displaced insn) | C floor | " + " | ".join(cols) + " |"
-    rows = [head, "|" + "---|" * (len(cols) + 2)]
+    # the C floor always, the XOL floor beside it when this run measured it
+    cols = ["floor"] + [t for t in (XOL_FLOOR, *COLUMNS) if any(c.tool == t for c in cells)]
+    head = "| site (displaced insn) | " + " | ".join(HEADS.get(t, t) for t in cols) + " |"
+    rows = [head, "|" + "---|" * (len(cols) + 1)]
     for kind, (_func, insn) in SITES.items():
-        fl = by.get(("floor", kind))
-        rows.append(f"| {kind} (`{insn}`) | {cell_text(fl, floor)} | "
+        rows.append(f"| {kind} (`{insn}`) | "
                     + " | ".join(cell_text(by.get((t, kind)), floor) for t in cols) + " |")
     return "\n".join(rows)
 
@@ -83,7 +84,7 @@ def chart(path: Path, results: dict[str, Any]) -> Path | None:
     floor = floor_us(cells)
     if not floor:
         return None
-    tools = [t for t in COLUMNS if any(c.tool == t and c.us for c in cells)]
+    tools = [t for t in (XOL_FLOOR, *COLUMNS) if any(c.tool == t and c.us for c in cells)]
     kinds = list(SITES)
     fig, ax = plt.subplots(figsize=(12, 5.5))
     width = 0.8 / max(1, len(tools))

@@ -1,5 +1,6 @@
-"""The tracers compared, as command lines: emuprobe's strategies, the C floor,
-kernel uprobes (perf stat) and the peers (ltrace -x, gdb commands, bpftrace)."""
+"""The tracers compared, as command lines: emuprobe's strategies, the C floors
+(emulating and out-of-line), kernel uprobes (perf stat) and the peers
+(ltrace -x, gdb commands, bpftrace)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from emuprobe.perfbridge import kcount
 
-from .build import FLOOR_OPS, SITES, Built
+from .build import FLOOR_OPS, SITES, XOL_FLOOR, XOL_SLOTS, Built
 
 ROOT = Path(__file__).resolve().parent.parent
 EMUPROBE = [sys.executable, "-m", "emuprobe"]
@@ -55,6 +56,20 @@ def floor_tool(built: Built) -> Tool:
         return [str(built.floor), op, hex(addr), str(length), str(built.hot), kind, str(n)]
 
     return Tool("floor", argv, kinds=tuple(FLOOR_OPS))
+
+
+def xol_floor_tool(built: Built) -> Tool:
+    """The least a user-space XOL tracer does per hit: the C floor with a
+    single-step of a copy in place of emulating the instruction."""
+
+    def argv(kind: str, n: int) -> list[str]:
+        length = FLOOR_OPS[kind][1]
+        addr = built.symbol(built.hot, SITES[kind][0])
+        slot = built.symbol(built.hot, XOL_SLOTS[kind])
+        return [str(built.floor), "xol", hex(addr), str(length), hex(slot), str(built.hot),
+                kind, str(n)]
+
+    return Tool(XOL_FLOOR, argv, kinds=tuple(XOL_SLOTS))
 
 
 def ltrace_tool(built: Built) -> Tool:
