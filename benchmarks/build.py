@@ -16,9 +16,11 @@ SITES: dict[str, tuple[str, str]] = {
     "push": ("h_push", "push %rbp"),
     "movrr": ("h_movrr", "mov %rdi,%rax"),
     "riprel": ("h_riprel", "mov h_value(%rip),%rax"),
+    "ripadd": ("h_ripadd", "add h_value(%rip),%rdi"),
     "stackstore": ("h_stackstore", "mov %rdi,-8(%rsp)"),
     "call": ("h_call", "call rel32"),
     "addsd": ("h_addsd", "addsd %xmm1,%xmm0"),
+    "ssemem": ("h_ssemem", "paddq h_vec(%rip),%xmm0"),
     "lockxadd": ("h_lockxadd", "lock xadd %esi,(%rdi)"),
 }
 # What the C floor tracer does in place of the displaced instruction, and its length.
