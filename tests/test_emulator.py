@@ -383,16 +383,19 @@ def test_store_across_a_page_boundary(tracee: Tracee, emu: Emulator) -> None:
     difftest(tracee, emu, State(bytes.fromhex("0f1147fd"), regs={"rdi": DATA + 0x1000}))
 
 
-def test_sse_arithmetic_is_native_and_why(tracee: Tracee, emu: Emulator) -> None:
-    """addsd goes native: Unicorn computes the sum but never sets MXCSR's
-    exception flags.  With every flag already set (sticky) it agrees exactly,
-    which also proves the XMM round trip."""
+def test_sse_arithmetic_runs_on_the_host_cpu_and_why(tracee: Tracee, emu: Emulator) -> None:
+    """addsd xmm0, xmm1 is not given to Unicorn, which computes the sum but
+    never sets MXCSR's exception flags: the tracer's own CPU runs it (FastPath
+    "sse").  With a memory operand it goes native; with an exception unmasked
+    it is refused, so that the tracee, not the tracer, takes the #XM."""
     code = bytes.fromhex("f20f58c1")  # addsd xmm0, xmm1
     plan = plan_for(code, SITE)
-    assert isinstance(plan, NativeStep) and plan.reason == policy.SSE_FP
-    forced = plan_for(code, SITE, policy_check=False)
-    assert isinstance(forced, UnicornStep) and forced.needs_fp and forced.xmm == (0, 1)
+    assert isinstance(plan, FastPath) and plan.op == "sse", describe(plan)
     xmm = {0: struct.pack("<dd", 1.0, 7.0), 1: struct.pack("<dd", 2.0**-60, 9.0)}
+    difftest(tracee, emu, State(code, xmm=xmm, mxcsr=0x1F80), plan=plan)  # sets PE
+    forced = plan_for(code, SITE, fast=False, policy_check=False)
+    assert isinstance(forced, UnicornStep) and forced.needs_fp and forced.xmm == (0, 1)
+    # with every flag already set (sticky) Unicorn agrees, which proves its XMM round trip
     difftest(tracee, emu, State(code, xmm=xmm, mxcsr=0x1FBF), plan=forced)
     # the measured Unicorn 2.1.4 behaviour the policy rests on
     st = State(code, xmm=xmm, mxcsr=0x1F80)
@@ -400,6 +403,50 @@ def test_sse_arithmetic_is_native_and_why(tracee: Tracee, emu: Emulator) -> None
     _, emulated, _ = tracee.emulate(emu, st, forced)
     assert bytes(native.fp.xmm_space) == bytes(emulated.fp.xmm_space)
     assert native.fp.mxcsr & 0x20 and not emulated.fp.mxcsr & 0x20  # PE: inexact
+    memory = plan_for(bytes.fromhex("f20f5807"), SITE)  # addsd xmm0, [rdi]
+    assert isinstance(memory, NativeStep) and memory.reason == policy.SSE_FP
+    unmasked = State(code, xmm=xmm, mxcsr=0x1F80 & ~0x1000)  # PE unmasked: #XM natively
+    assert "unmasks" in assert_refused(tracee, emu, unmasked, plan).reason
+
+
+def host_sse_encodings() -> list[bytes]:
+    """Every policy.HOST_SSE mnemonic in register form, low and high registers."""
+    out: dict[str, list[bytes]] = {}
+    for pfx in (b"", b"\x66", b"\xf2", b"\xf3"):
+        for rex in (b"", b"\x45"):
+            for op in (*range(0x50, 0x80), 0xE6):
+                for modrm in (0xC1, 0xD2):  # xmm0,xmm1 / xmm2,xmm2 (aliased)
+                    raw = pfx + rex + bytes([0x0F, op, modrm])
+                    plan = plan_for(raw, SITE)
+                    if isinstance(plan, FastPath) and plan.op == "sse":
+                        out.setdefault(plan.mnemonic, []).append(raw)
+    return [c for codes in out.values() for c in codes]
+
+
+INF, NAN = float("inf"), float("nan")
+F64_EDGES = (0.0, -0.0, 1.0, -1.5, 0.1, 3.0, 1e308, -1e-310, INF, -INF, NAN, 2.0**-1030, 2.0**31)
+F32_EDGES = (0.0, -0.0, 1.0, -1.5, 0.1, 3.0, 3e38, -1e-40, INF, -INF, NAN, 1e-45, 2.0**31)
+
+
+@pytest.mark.parametrize("mxcsr", [0x1F80, 0x3F80, 0x5F80, 0x7F80, 0x9FC0], ids=hex)
+def test_host_sse_matches_cpu(tracee: Tracee, emu: Emulator, mxcsr: int) -> None:
+    """Every host-run mnemonic, under each rounding mode and with FTZ+DAZ, on
+    edge values (denormals, infinities, NaNs) and random ones: XMM and MXCSR
+    (the exception flags Unicorn does not set) equal the CPU's."""
+    rng = random.Random(mxcsr)
+    encodings = host_sse_encodings()
+    assert {plan_for(c, SITE).mnemonic for c in encodings} == set(policy.HOST_SSE)
+    for code in encodings:
+        for trial in range(3):
+            if trial == 2:
+                xmm = {i: rng.randbytes(16) for i in range(16)}
+            else:
+                xmm = {
+                    i: struct.pack("<dd", rng.choice(F64_EDGES), rng.choice(F64_EDGES))
+                    if trial else struct.pack("<ffff", *(rng.choice(F32_EDGES) for _ in range(4)))
+                    for i in range(16)
+                }
+            difftest(tracee, emu, State(code, xmm=xmm, mxcsr=mxcsr))
 
 
 def sse_safe_encodings() -> list[bytes]:
@@ -515,7 +562,7 @@ POLICY = [
     ("rdfsbase", "f3480faec0", "rdfsbase"),
     ("cmpxchg16b", "480fc70f", "cmpxchg16b"),
     ("bzhi", "c4e2f0f5c0", "wrong"),
-    ("addsd", "f20f58c1", "MXCSR"),
+    ("addsd from memory", "f20f5807", "MXCSR"),
     ("ud2", "0f0b", "ud2"),
     ("far jmp [mem]", "ff2c25000000ff", "far"),
     ("lahf with rex", "4f9f", "SPL"),

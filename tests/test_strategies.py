@@ -124,10 +124,11 @@ def test_inplace_loses_events_where_others_do_not(tmp_path):
 
 HOT_CLASSES = [
     "push r64", "mov r64,r64", "call imm", "jmp imm", "endbr64", "mov r64,m64", "mov m64,r64",
+    "addsd xmm,xmm",
 ]  # fmt: skip
 HOT_PROBES = [
     "f_push", "f_movrr", "f_call", "f_jmp", "c_func", "f_riprel_load", "f_riprel_store",
-    "f_stack_store",
+    "f_stack_store", "f_addsd",
 ]  # fmt: skip
 
 

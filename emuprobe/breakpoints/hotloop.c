@@ -32,6 +32,7 @@
 #define HOT_CALL 4
 #define HOT_LOAD 5  /* mov r, [base+disp] */
 #define HOT_STORE 6 /* mov [base+disp], r */
+#define HOT_SSE 7   /* register-only SSE arithmetic, run on our CPU (emulator/hostsse.c) */
 #define BASE_RIP 0xffff
 
 #define TID_SLOTS 4096 /* open addressing, power of two */
@@ -50,7 +51,10 @@ struct hot_site {
     int64_t disp;      /* load/store: address = base + disp */
     uint16_t base;     /* load/store: offset into user_regs_struct, or BASE_RIP (the next insn) */
     uint8_t size;      /* load/store: 4 or 8 bytes */
+    uint8_t code[16];  /* sse: the instruction */
 };
+
+int host_sse(const uint8_t *code, int len, uint8_t *fx); /* emulator/hostsse.c */
 
 static int32_t tid_key[TID_SLOTS];
 static int32_t tid_val[TID_SLOTS];
@@ -131,7 +135,8 @@ static struct hot_site *find_site(int aspace, uint64_t addr, int insert)
 }
 
 int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
-                 uint64_t target, int counter, int base, int64_t disp, int size)
+                 uint64_t target, int counter, int base, int64_t disp, int size,
+                 const char *code)
 {
     if (nsites >= SITE_SLOTS / 2)
         return -1; /* keep the table sparse; the rest stay on the Python path */
@@ -151,6 +156,7 @@ int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
     s->base = (uint16_t)base;
     s->disp = disp;
     s->size = (uint8_t)size;
+    memcpy(s->code, code, len < 16 ? (size_t)len : 16);
     return 0;
 }
 
@@ -265,6 +271,17 @@ static int handle(pid_t tid, uint64_t *counters)
             return -1;
         if (!write)
             REG(&r, s->dst) = value; /* a 4-byte load zero-extends */
+        r.rip = next;
+        break;
+    }
+    case HOT_SSE: {
+        struct user_fpregs_struct fp;
+        if (ptrace(PTRACE_GETFPREGS, tid, 0, &fp) < 0)
+            return -1;
+        if (host_sse(s->code, s->len, (uint8_t *)&fp) < 0)
+            return -1; /* nothing changed: Python refuses it the same way */
+        if (ptrace(PTRACE_SETFPREGS, tid, 0, &fp) < 0)
+            return -1;
         r.rip = next;
         break;
     }

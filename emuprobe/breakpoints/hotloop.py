@@ -20,7 +20,7 @@ from .maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from .sites import AddressSpace, ProbeSite
 from .tracee import Thread
 
-OPS = {"nop": 0, "push": 1, "mov": 2, "jmp": 3, "call": 4, "load": 5, "store": 6}
+OPS = {"nop": 0, "push": 1, "mov": 2, "jmp": 3, "call": 4, "load": 5, "store": 6, "sse": 7}
 BASE_RIP = 0xFFFF  # hotloop.c: a load/store address based on the next instruction
 MAX_SITES = 4096
 MASK64 = (1 << 64) - 1
@@ -118,7 +118,8 @@ class HotLoop:
         base = BASE_RIP if plan.base == "rip" else _offset(plan.base) if plan.base else 0
         disp = plan.imm if plan.base else 0
         self._lib.hot_add_site(
-            aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size
+            aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size,
+            plan.code,
         )
 
     def unbind(self, tid: int) -> None:

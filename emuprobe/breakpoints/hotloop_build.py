@@ -1,4 +1,5 @@
-"""cffi builder for emuprobe._hotloop (hotloop.c), run by `pip install` (setup.py).
+"""cffi builder for emuprobe._hotloop (hotloop.c and emulator/hostsse.c), run by
+`pip install` (setup.py).
 
 Also runnable by hand to build the module in place for a source checkout:
     python emuprobe/breakpoints/hotloop_build.py
@@ -18,14 +19,17 @@ ffibuilder.cdef(
     int hot_bind(int tid, int aspace);
     void hot_unbind(int tid);
     int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
-                     uint64_t target, int counter, int base, int64_t disp, int size);
+                     uint64_t target, int counter, int base, int64_t disp, int size,
+                     const char *code);
     int hot_add_range(int aspace, uint64_t lo, uint64_t hi, int writable);
     void hot_forget(int aspace);
     int hot_wait(int *tid, int *status, uint64_t *counters);
+    int host_sse(const uint8_t *code, int len, uint8_t *fx);
     """
 )
+SOURCES = (HERE.parent / "emulator" / "hostsse.c", HERE / "hotloop.c")
 ffibuilder.set_source(
-    "emuprobe._hotloop", (HERE / "hotloop.c").read_text(), extra_compile_args=["-O2"]
+    "emuprobe._hotloop", "\n".join(p.read_text() for p in SOURCES), extra_compile_args=["-O2"]
 )
 
 if __name__ == "__main__":

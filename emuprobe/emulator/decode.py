@@ -31,7 +31,9 @@ from .regs import (
     is_gpr64,
 )
 
-FastOp = Literal["nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call", "load", "store"]
+FastOp = Literal[
+    "nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call", "load", "store", "sse"
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class FastPath:
     # of a branch target or of a load/store address, from `base` (rip: the next insn)
     base: str = ""  # load/store: the UserRegs field the address is based on
     size: int = 0  # load/store: bytes moved (4 or 8; a 4-byte load zero-extends)
+    code: bytes = b""  # sse: the instruction, run as it is on our CPU (hostsse.c)
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,7 @@ def analyze(
         if trusted_only and not trust.is_trusted(insn):
             return NativeStep(trust.UNTRUSTED, insn.size, insn.mnemonic, text)
     if fast:
-        fp = _fast_path(insn, text)
+        fp = _fast_path(insn, text) or _host_sse(insn, code, text)
         if fp is not None:
             return fp
     return _unicorn_step(insn, text, policy_check)
@@ -181,7 +184,8 @@ def _refusal(insn: capstone.CsInsn, code: bytes) -> str | None:
         return "cmpxchg to a register: QEMU zero-extends a 32-bit destination the CPU keeps"
     if base in ("shld", "shrd") and insn.imm_size and _rip_relative(insn):
         return f"{base} [rip+d], r, imm8: Unicorn computes the address as if there were no imm8"
-    if (base in policy.SSE_SAFE or base == "movbe") and _ignored_mandatory_prefix(
+    prefixed = base in policy.SSE_SAFE or base in policy.HOST_SSE or base == "movbe"
+    if prefixed and _ignored_mandatory_prefix(
         insn, code, prefixes
     ):
         return f"{base} with a prefix its encoding does not use: may be #UD natively"
@@ -289,6 +293,24 @@ def _fast_path(insn: capstone.CsInsn, text: str) -> FastPath | None:
                 kind: FastOp = "add_rsp" if mnem == "add" else "sub_rsp"
                 return FastPath(kind, size, mnem, text, imm=ops[1].imm & MASK64)
     return None
+
+
+def _host_sse(insn: capstone.CsInsn, code: bytes, text: str) -> FastPath | None:
+    """Register-only SSE arithmetic from policy.HOST_SSE: XMM operands, no memory,
+    no other register read or written (capstone lists MXCSR as none)."""
+    if insn.mnemonic not in policy.HOST_SSE or _vex_kind(code) is not None:
+        return None
+    if _legacy_prefixes(code[: insn.size]).translate(None, b"\x66\xf2\xf3"):
+        return None  # segment, address-size or lock prefixes: not this plain form
+    read_ids, write_ids = insn.regs_access()
+    names = [insn.reg_name(r) for r in (*read_ids, *write_ids)]
+    names += [
+        insn.reg_name(op.reg) if op.type == csx.X86_OP_REG else "memory"
+        for op in insn.operands
+    ]
+    if not names or not all(n.startswith("xmm") for n in names):
+        return None
+    return FastPath("sse", insn.size, insn.mnemonic, text, code=bytes(code[: insn.size]))
 
 
 def _fast_load_store(insn: capstone.CsInsn, text: str) -> FastPath | None:

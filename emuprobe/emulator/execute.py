@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from ..breakpoints.memory import ProcessMemory
 from ..breakpoints.ptrace import UserRegs
-from . import fastpath
+from . import fastpath, hostsse
 from .decode import FastPath, NativeStep, Plan, UnicornStep
 from .machine import FpAccess, Machine
-from .regs import AC
+from .regs import AC, MASK64
 
 __all__ = ["Emulator", "Emulated", "Refused", "StepResult", "FpAccess"]
 
@@ -55,6 +55,14 @@ class Emulator:
         if type(plan) is FastPath:
             if regs.eflags & AC:
                 return _AC_SET
+            if plan.op == "sse":  # XMM state only: through FpAccess
+                fpregs = fp.get()
+                reason = hostsse.run(plan.code, fpregs)
+                if reason is not None:
+                    return Refused(reason)
+                fp.set(fpregs)
+                regs.rip = (regs.rip + plan.length) & MASK64
+                return _DONE_FP
             reason = fastpath.execute(plan, regs, mem)
             return _DONE if reason is None else Refused(reason)
         if type(plan) is UnicornStep:

@@ -212,6 +212,19 @@ SSE_SAFE: frozenset[str] = frozenset(
     """.split()
 )
 
+# SSE/SSE2 floating point (baseline x86-64: never #UD) that Unicorn gets wrong
+# (SSE_FP) but that, with XMM register operands only, the tracer's own CPU runs
+# exactly: FastPath "sse" (hostsse.c).  With a memory operand they stay SSE_FP.
+HOST_SSE: frozenset[str] = frozenset(
+    """
+    addss addsd addps addpd subss subsd subps subpd mulss mulsd mulps mulpd
+    divss divsd divps divpd sqrtss sqrtsd sqrtps sqrtpd minss minsd minps minpd
+    maxss maxsd maxps maxpd rcpss rcpps rsqrtss rsqrtps
+    cvtss2sd cvtsd2ss cvtps2pd cvtpd2ps cvtdq2ps cvtps2dq cvttps2dq cvtdq2pd
+    cvtpd2dq cvttpd2dq
+    """.split()
+)
+
 # Legacy-SSE instructions whose 16-byte memory operand need not be aligned.  For
 # the rest, a misaligned 16-byte access raises #GP natively, which QEMU 5 does
 # not model: the machine refuses it (and the native step delivers SIGSEGV).
