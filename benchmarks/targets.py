@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .build import XOL_FLOOR
 from .perhit import Cell
 from .report import floor_us
 
-EMULATED_SITES = ("endbr", "push", "movrr", "riprel", "stackstore", "call")
+EMULATED_SITES = ("endbr", "push", "movrr", "riprel", "ripadd", "stackstore", "call", "ssemem")
+# Sites whose instruction emulate hands to Unicorn (no FastPath, not refused):
+# the issue's 2.5x target is about these.
+UNICORN_SITES = ("ripadd", "ssemem")
 
 
 def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -16,8 +20,11 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     floor = floor_us(cells)
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, limit: float, le: bool, unit: str = "x") -> None:
-        ok = None if value is None else (value <= limit if le else value >= limit)
+    def add(
+        name: str, value: float | None, limit: float | None, le: bool = True, unit: str = "x"
+    ) -> None:
+        """limit None: a figure shown for context, with no target to meet."""
+        ok = None if value is None or limit is None else (value <= limit if le else value >= limit)
         out.append({"target": name, "value": value, "limit": limit, "le": le, "unit": unit,
                     "met": ok})
 
@@ -29,9 +36,15 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for kind in ("push", "endbr"):
         add(f"emulate on {kind} / C floor", ratio(("emulate", kind), None), 1.5, True)
+    # riprel has a FastPath now and emulate runs addsd natively (untrusted): the
+    # same limit, labelled by site only
     for kind in ("riprel", "addsd"):
+        add(f"emulate on {kind} / C floor", ratio(("emulate", kind), None), 2.5, True)
+    for kind in UNICORN_SITES:
         add(f"emulate on {kind} (Unicorn path) / C floor", ratio(("emulate", kind), None),
             2.5, True)
+    for kind in ("push", "endbr"):
+        add(f"xol floor / C floor on {kind}", ratio((XOL_FLOOR, kind), None), None)
     for kind in EMULATED_SITES:
         add(f"xol / emulate on {kind}", ratio(("xol", kind), ("emulate", kind)), 1.8, False)
     add("ltrace / emulate on push", ratio(("ltrace", "push"), ("emulate", "push")), 3.0, False)
@@ -51,6 +64,9 @@ def targets_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| target | measured | limit | met |", "|---|---|---|---|"]
     for r in rows:
         v = "n/a" if r["value"] is None else f"{r['value']:.2f} {r['unit']}"
+        if r["limit"] is None:
+            lines.append(f"| {r['target']} | {v} | – | – |")
+            continue
         op = "<=" if r["le"] else ">="
         met = {True: "yes", False: "**no**", None: "not measured"}[r["met"]]
         lines.append(f"| {r['target']} | {v} | {op} {r['limit']:g} {r['unit']} | {met} |")

@@ -77,7 +77,7 @@ def test_report_and_targets_from_results():
     assert rows["emulate on push / C floor"]["met"] is True
     assert rows["xol / emulate on push"]["met"] is True
     assert rows["gdb / emulate on push"]["met"] is False  # 50/12 < 4.5
-    assert rows["emulate on riprel (Unicorn path) / C floor"]["met"] is None
+    assert rows["emulate on riprel / C floor"]["met"] is None
     table = report.perhit_table(cells)
     assert "| push (`push %rbp`) | 10.0 (1.00x) | 12.0 (1.20x) | 30.0 (3.00x)" in table
     assert "**no**" in targets_table(evaluate(results))
