@@ -36,8 +36,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for kind in ("push", "endbr"):
         add(f"emulate on {kind} / C floor", ratio(("emulate", kind), None), 1.5, True)
-    # riprel has a FastPath now and emulate runs addsd natively (untrusted): the
-    # same limit, labelled by site only
+    # Neither is a Unicorn site any more: riprel has a FastPath, addsd runs natively
+    # while untrusted and on the "sse" FastPath once trusted.  Same limit, by site only.
     for kind in ("riprel", "addsd"):
         add(f"emulate on {kind} / C floor", ratio(("emulate", kind), None), 2.5, True)
     for kind in UNICORN_SITES:
