@@ -470,3 +470,29 @@ def test_find_library_on_disk(ifunc_lib: Path) -> None:
     assert find_library_on_disk(str(ifunc_lib)) == os.path.realpath(ifunc_lib)
     assert find_library_on_disk("libno-such-library-here") is None
     assert find_library_on_disk(str(FIXTURES / "elf_basic.c")) is None
+
+
+def test_check_targets_finds_each_library_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many probes in one library search the disk (and the program's RUNPATH) once."""
+    from emuprobe.breakpoints import targets
+    from emuprobe.breakpoints.sites import Probe
+    from emuprobe.spec import parse_probe
+
+    calls: list[str] = []
+
+    def counted(spec: str, dirs: list[str] | None = None) -> str | None:
+        calls.append(spec)
+        return find_library_on_disk(spec, dirs)
+
+    monkeypatch.setattr(targets, "find_library_on_disk", counted)
+    specs = [parse_probe(f"libc:{n}") for n in ("malloc", "free", "calloc", "realloc")]
+    got = targets.check_targets(
+        [(s, Probe(s.name, s.text)) for s in specs], "/bin/true", targets.ImageCache(), None
+    )
+    assert calls == ["libc"]
+    assert len({t.checked.identity for t in got}) == 1
+    with pytest.raises(ProbeError, match="library 'libno-such' not found"):
+        missing = parse_probe("libno-such:f")
+        targets.check_targets(
+            [(missing, Probe(missing.name, missing.text))], "/bin/true", targets.ImageCache(), None
+        )
