@@ -68,7 +68,7 @@ class Session:
         self.follow = follow
         self.strategy = strategy
         self.xol = Xol()
-        # The compiled loop only ever runs FastPath emulation: emulate alone uses it.
+        # The compiled loop only ever runs emulation: emulate alone uses it.
         self.hot = HotLoop.load() if strategy == "emulate" else None
         self.reg = Registry()
         self.reg.hot = self.hot
@@ -76,6 +76,8 @@ class Session:
         self.images = ImageCache()
         self.targets: list[Target] = []
         self.emulator = Emulator()
+        if self.hot is not None:
+            self.hot.use_machine(self.emulator.machine)
         self.root_pid = 0
         self.exit_status: int | None = None
         self.stop_signal = 0

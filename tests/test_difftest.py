@@ -25,7 +25,7 @@ from emuprobe.difftest.compare import FAULT, MATCH, MISMATCH, REFUSED
 from emuprobe.difftest.runner import Result, Runner, decode
 from emuprobe.difftest.strategies import FIXED_GPRS
 from emuprobe.difftest.undefined import undefined
-from emuprobe.emulator import machine, trust
+from emuprobe.emulator import cmachine, machine, trust
 from emuprobe.emulator.decode import NativeStep, UnicornStep, analyze
 from emuprobe.emulator.oracle import CODE, DATA, RO, SITE, Sandbox
 from emuprobe.emulator.regs import AF, CF, OF, PF, SF, ZF
@@ -255,10 +255,18 @@ def caught_by_ci_profile() -> Result | None:
     return None
 
 
-def test_ci_profile_catches_cf_dropped_on_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("compiled", ["1", "0"], ids=["machine.c", "machine.py"])
+def test_ci_profile_catches_cf_dropped_on_write_back(
+    monkeypatch: pytest.MonkeyPatch, compiled: str
+) -> None:
     from emuprobe.emulator.regs import EMULATED_FLAGS
 
+    if compiled == "1" and cmachine.compiled_module() is None:
+        pytest.skip("the compiled machine is not built")
+    monkeypatch.setenv("EMUPROBE_CMACHINE", compiled)
+    # both machines take the flags they transfer from here (cmachine puts them in each plan)
     monkeypatch.setattr(machine, "EMULATED_FLAGS", EMULATED_FLAGS & ~CF)
+    monkeypatch.setattr(cmachine, "EMULATED_FLAGS", EMULATED_FLAGS & ~CF)
     r = caught_by_ci_profile()
     assert r is not None, "the CI profile missed a dropped CF"
     # seen in the flags, or in a result computed from CF (adc, sbb, setc, cmovc...)
@@ -266,6 +274,8 @@ def test_ci_profile_catches_cf_dropped_on_write_back(monkeypatch: pytest.MonkeyP
 
 
 def test_ci_profile_catches_lost_upper_half_of_xmm1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On the Python machine, whose XMM write-back can be patched from here."""
+    monkeypatch.setenv("EMUPROBE_CMACHINE", "0")
     right = machine.Machine._write_back_xmm
 
     def lossy(xb: machine._XmmBatch, fpregs: pt.UserFpRegs) -> None:

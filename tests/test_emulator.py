@@ -32,7 +32,7 @@ from unicorn import x86_const as ucx
 
 from emuprobe.breakpoints import ptrace as pt
 from emuprobe.breakpoints.memory import ProcessMemory
-from emuprobe.emulator import policy
+from emuprobe.emulator import cmachine, policy
 from emuprobe.emulator.decode import FastPath, NativeStep, Plan, UnicornStep, analyze, describe
 from emuprobe.emulator.execute import Emulated, Emulator, Refused
 from emuprobe.emulator.oracle import (
@@ -166,9 +166,13 @@ def tracee() -> Iterator[Tracee]:
     t.kill()
 
 
-@pytest.fixture(scope="module")
-def emu() -> Emulator:
-    return Emulator()
+@pytest.fixture(scope="module", params=[True, False], ids=["machine.c", "machine.py"])
+def emu(request: pytest.FixtureRequest) -> Emulator:
+    """Both Unicorn machines: the compiled one the engine uses when it is built,
+    and the pure-Python fallback."""
+    if request.param and cmachine.compiled_module() is None:
+        pytest.skip("the compiled machine is not built")
+    return Emulator(compiled=request.param)
 
 
 def assert_same(native: Snapshot, emulated: Snapshot, undefined: int, fp: bool) -> None:

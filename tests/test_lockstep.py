@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from emuprobe.difftest.lockstep import Lockstep
-from emuprobe.emulator import machine
+from emuprobe.emulator import cmachine, machine
 from emuprobe.emulator.regs import CF, EMULATED_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,9 @@ def test_lockstep_every_k_compares_a_sample() -> None:
 
 
 def test_lockstep_catches_cf_dropped_on_write_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # both machines take the flags they transfer from here (cmachine puts them in each plan)
     monkeypatch.setattr(machine, "EMULATED_FLAGS", EMULATED_FLAGS & ~CF)
+    monkeypatch.setattr(cmachine, "EMULATED_FLAGS", EMULATED_FLAGS & ~CF)
     rep = Lockstep([TRUE], every=3).run()
     assert rep.mismatched, "a dropped CF went unnoticed"
     assert any(d.startswith("eflags") for diffs in rep.examples.values() for d in diffs)

@@ -124,18 +124,20 @@ def test_inplace_loses_events_where_others_do_not(tmp_path):
 
 HOT_CLASSES = [
     "push r64", "mov r64,r64", "call imm", "jmp imm", "endbr64", "mov r64,m64", "mov m64,r64",
-    "addsd xmm,xmm",
+    "addsd xmm,xmm", "jne imm", "ret", "mov r64,fs:m64", "movaps xmm,m128",
 ]  # fmt: skip
 HOT_PROBES = [
     "f_push", "f_movrr", "f_call", "f_jmp", "c_func", "f_riprel_load", "f_riprel_store",
     "f_stack_store", "f_addsd",
+    "f_jcc", "f_ret", "f_fsload", "f_movaps",  # UnicornSteps: the compiled machine's, in C
 ]  # fmt: skip
 
 
 @pytest.mark.skipif(HotLoop.load() is None, reason="the compiled hot loop is not built")
 def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, capfd):
-    """With these classes trusted, the FastPath sites run in C after their first
-    hit; the program's checksum and every count equal the Python path's."""
+    """With these classes trusted, the FastPath and (with the compiled machine)
+    UnicornStep sites run in C after their first hit; the program's checksum
+    and every count equal the Python path's."""
     try:
         from emuprobe.emulator import trust
     except ImportError:  # a tree without a trust table emulates every FastPath class
@@ -159,7 +161,7 @@ def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, ca
             assert capfd.readouterr().out == plain
             seen[hot] = {p.name: (p.hits, p.emulated, p.native_fallback) for p in t.probes}
             if hot == "1":
-                # every probe but its first hit: loads and stores included
+                # every probe but its first hit: loads, stores and UnicornSteps included
                 assert t.session.hot is not None
                 assert t.session.hot.handled() == len(HOT_PROBES) * (n - 1)
     finally:

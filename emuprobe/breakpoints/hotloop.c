@@ -33,6 +33,7 @@
 #define HOT_LOAD 5  /* mov r, [base+disp] */
 #define HOT_STORE 6 /* mov [base+disp], r */
 #define HOT_SSE 7   /* register-only SSE arithmetic, run on our CPU (emulator/hostsse.c) */
+#define HOT_UNICORN 8 /* a UnicornStep, run by the compiled machine (emulator/machine.c) */
 #define BASE_RIP 0xffff
 
 #define TID_SLOTS 4096 /* open addressing, power of two */
@@ -51,10 +52,13 @@ struct hot_site {
     int64_t disp;      /* load/store: address = base + disp */
     uint16_t base;     /* load/store: offset into user_regs_struct, or BASE_RIP (the next insn) */
     uint8_t size;      /* load/store: 4 or 8 bytes */
-    uint8_t code[16];  /* sse: the instruction */
+    uint8_t code[16];  /* sse, unicorn: the instruction */
+    const struct mplan *plan; /* unicorn: the flattened plan (owned by cmachine.py) */
+    struct memctx *mem;       /* unicorn: the address space (owned by cmachine.py) */
 };
 
 int host_sse(const uint8_t *code, int len, uint8_t *fx); /* emulator/hostsse.c */
+static struct mach *machine; /* emulator/machine.c, set by hot_use_machine */
 
 static int32_t tid_key[TID_SLOTS];
 static int32_t tid_val[TID_SLOTS];
@@ -157,7 +161,29 @@ int hot_add_site(int aspace, uint64_t addr, int op, int len, int src, int dst,
     s->disp = disp;
     s->size = (uint8_t)size;
     memcpy(s->code, code, len < 16 ? (size_t)len : 16);
+    s->plan = NULL;
+    s->mem = NULL;
     return 0;
+}
+
+void hot_use_machine(struct mach *m)
+{
+    machine = m;
+}
+
+/* A UnicornStep site: run by mach_run() at every hit. */
+int hot_add_unicorn(int aspace, uint64_t addr, int len, const char *code, int counter,
+                    const struct mplan *plan, struct memctx *mem)
+{
+    if (machine == NULL)
+        return -1;
+    int rc = hot_add_site(aspace, addr, HOT_UNICORN, len, 0, 0, 0, counter, 0, 0, 0, code);
+    if (rc == 0) {
+        struct hot_site *s = find_site(aspace, addr, 0);
+        s->plan = plan;
+        s->mem = mem;
+    }
+    return rc;
 }
 
 /* [lo, hi) of `aspace` is a readable, non-executable mapping, also writable
@@ -273,6 +299,21 @@ static int handle(pid_t tid, uint64_t *counters)
             REG(&r, s->dst) = value; /* a 4-byte load zero-extends */
         r.rip = next;
         break;
+    }
+    case HOT_UNICORN: {
+        struct user_fpregs_struct fp;
+        int fp_written;
+        if (s->plan->needs_fp && ptrace(PTRACE_GETFPREGS, tid, 0, &fp) < 0)
+            return -1;
+        r.rip = s->addr;
+        int rc = mach_run(machine, s->plan, (const char *)s->code, s->len, (uint8_t *)&r,
+                          s->plan->needs_fp ? (uint8_t *)&fp : NULL, s->mem, MF_NO_PYTHON,
+                          &fp_written);
+        if (rc != 0)
+            return -1; /* refused, or Python's to decide: nothing changed */
+        if (fp_written && ptrace(PTRACE_SETFPREGS, tid, 0, &fp) < 0)
+            return -1;
+        break; /* r.rip is where the instruction went */
     }
     case HOT_SSE: {
         struct user_fpregs_struct fp;

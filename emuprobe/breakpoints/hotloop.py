@@ -1,9 +1,10 @@
 """Python's side of the compiled hot loop (hotloop.c, built by pip as emuprobe._hotloop).
 
-The session calls `offer` after it has executed a FastPath hit itself; a site
-that qualifies (a FastPath op the loop knows, probes that only count, a
-followed process, a store into a mapping known to be writable) is then handled
-entirely in C at later hits, and `sync` adds the C counters to the probes.
+The session calls `offer` after it has emulated a hit itself; a site that
+qualifies (a FastPath op the loop knows, or a UnicornStep when the compiled
+machine is in use; probes that only count; a followed process; memory in a
+mapping known to allow the access) is then handled entirely in C at later
+hits, and `sync` adds the C counters to the probes.
 Without the built module, or with EMUPROBE_HOTLOOP=0, `load` returns None and
 every hit takes the Python path, which is the reference.
 """
@@ -14,7 +15,8 @@ import errno
 import os
 from typing import Any
 
-from ..emulator.decode import FastPath
+from ..emulator.cmachine import CMachine
+from ..emulator.decode import FastPath, UnicornStep
 from . import ptrace
 from .maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from .sites import AddressSpace, ProbeSite
@@ -55,6 +57,8 @@ class HotLoop:
         self._aspaces: dict[AddressSpace, int] = {}
         self._next_id = 0
         self._offered: set[tuple[int, int]] = set()  # (aspace id, addr) already decided
+        self._machine: CMachine | None = None
+        self._keep: list[Any] = []
 
     @classmethod
     def load(cls) -> HotLoop | None:
@@ -88,7 +92,12 @@ class HotLoop:
             self._next_id += 1
         self._lib.hot_bind(thread.tid, aid)
         plan = site.plan
-        if not isinstance(plan, FastPath) or any(p.handlers for p in site.probes):
+        if any(p.handlers for p in site.probes):
+            return
+        if isinstance(plan, UnicornStep):
+            self._offer_unicorn(aid, site, addr, plan, aspace)
+            return
+        if not isinstance(plan, FastPath):
             return
         op = OPS.get(plan.op)
         if op is None or plan.op == "load" and plan.dst == plan.base:
@@ -102,16 +111,9 @@ class HotLoop:
                 return
             # one range per mapping (a stack, a .data), not per site
             self._lib.hot_add_range(aid, m.start, m.end, int(bool(m.prot & PROT_WRITE)))
-        if (aid, addr) in self._offered:
-            return
-        self._offered.add((aid, addr))
-        index = self._index.get(site)
+        index = self._counter(aid, site, addr)
         if index is None:
-            if len(self._sites) >= MAX_SITES:
-                return
-            index = self._index[site] = len(self._sites)
-            self._sites.append(site)
-            self._folded.append(0)
+            return
         target = regs.rip if op in (OPS["jmp"], OPS["call"]) else 0
         src = _offset(plan.src) if plan.src else 0
         dst = _offset(plan.dst) if plan.dst else 0
@@ -121,6 +123,39 @@ class HotLoop:
             aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size,
             plan.code,
         )
+
+    def use_machine(self, machine: object) -> None:
+        """Let C run UnicornStep sites too, with `machine` if it is the compiled one."""
+        if isinstance(machine, CMachine):
+            self._machine = machine
+            self._lib.hot_use_machine(machine.handle)
+
+    def _offer_unicorn(
+        self, aid: int, site: ProbeSite, addr: int, plan: UnicornStep, aspace: AddressSpace
+    ) -> None:
+        if self._machine is None:
+            return
+        index = self._counter(aid, site, addr)
+        if index is None:
+            return
+        cplan, ctx = self._machine.plan_handle(plan), self._machine.memctx(aspace.memory)
+        self._keep.append(ctx)  # C keeps the pointer: never freed before this loop
+        self._lib.hot_add_unicorn(aid, addr, plan.length, site.code, index, cplan, ctx)
+
+    def _counter(self, aid: int, site: ProbeSite, addr: int) -> int | None:
+        """The counter of `site`, the first time it is offered at `addr` in
+        address space `aid`; None if already decided or out of counters."""
+        if (aid, addr) in self._offered:
+            return None
+        self._offered.add((aid, addr))
+        index = self._index.get(site)
+        if index is None:
+            if len(self._sites) >= MAX_SITES:
+                return None
+            index = self._index[site] = len(self._sites)
+            self._sites.append(site)
+            self._folded.append(0)
+        return index
 
     def unbind(self, tid: int) -> None:
         self._lib.hot_unbind(tid)

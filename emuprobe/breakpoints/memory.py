@@ -3,8 +3,33 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .maps import Mapping, MapsIndex, read_maps
+
+
+class PlantedBytes(dict[int, bytes]):
+    """address -> the bytes our int3 there displaced.  Every change bumps
+    `version`, so that a copy kept elsewhere (the compiled emulator's) knows
+    when it is stale."""
+
+    version = 0
+
+    def __setitem__(self, addr: int, orig: bytes) -> None:
+        super().__setitem__(addr, orig)
+        self.version += 1
+
+    def pop(self, addr: int, *default: Any) -> Any:  # type: ignore[override]
+        self.version += 1
+        return super().pop(addr, *default)
+
+    def __delitem__(self, addr: int) -> None:
+        super().__delitem__(addr)
+        self.version += 1
+
+    def clear(self) -> None:
+        super().clear()
+        self.version += 1
 
 
 class ProcessMemory:
@@ -23,10 +48,18 @@ class ProcessMemory:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self._fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        self.planted: dict[int, bytes] = {}
+        self.planted = PlantedBytes()
         self._maps: MapsIndex | None = None
+        # the compiled emulator's view of this address space (emulator/cmachine.py),
+        # told of every new maps snapshot
+        self.machine_state: Any = None
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def close(self) -> None:
+        self.machine_state = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -46,6 +79,8 @@ class ProcessMemory:
     def maps(self) -> MapsIndex:
         if self._maps is None:
             self._maps = MapsIndex(read_maps(self.pid))
+            if self.machine_state is not None:  # keep the compiled emulator's copy current
+                self.machine_state.maps_changed(self._maps)
         return self._maps
 
     def refresh(self) -> MapsIndex:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ProbeError
-from .memory import ProcessMemory
+from .memory import PlantedBytes, ProcessMemory
 
 INT3 = b"\xcc"
 
@@ -131,5 +131,5 @@ class AddressSpace:
         """The child's mm after fork: a copy of ours, int3s included."""
         child = AddressSpace(child_memory)
         child.planted = dict(self.planted)
-        child_memory.planted = dict(self.memory.planted)
+        child_memory.planted = PlantedBytes(self.memory.planted)
         return child

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from ..breakpoints.memory import ProcessMemory
 from ..breakpoints.ptrace import UserRegs
 from . import fastpath, hostsse
+from .cmachine import CMachine, compiled_module
 from .decode import FastPath, NativeStep, Plan, UnicornStep
 from .machine import FpAccess, Machine
 from .regs import AC, MASK64
@@ -44,8 +45,13 @@ _AC_SET = Refused("AC flag set: alignment checks are not modelled")
 class Emulator:
     """Executes Plans for every site and process of a session."""
 
-    def __init__(self) -> None:
-        self.machine = Machine()
+    def __init__(self, compiled: bool | None = None) -> None:
+        """`compiled`: the Unicorn machine in C (None: when it is built, unless
+        EMUPROBE_CMACHINE=0), else the pure-Python one."""
+        module = compiled_module() if compiled is not False else None
+        if compiled and module is None:
+            raise RuntimeError("the compiled machine is not built")
+        self.machine: Machine | CMachine = Machine() if module is None else CMachine(module)
 
     def step(
         self, plan: Plan, code: bytes, regs: UserRegs, mem: ProcessMemory, fp: FpAccess

@@ -104,12 +104,28 @@ def _check(status: int) -> None:
         raise UcError(status)
 
 
+def new_engine() -> Any:
+    """A Unicorn engine for x86-64, ready for one-instruction runs."""
+    # Any: unicorn's stubs describe the Python 2 binding (no ctl_flush_tb, aux1)
+    uc: Any = cast(Any, Uc(UC_ARCH_X86, UC_MODE_64))
+    # Unicorn adds its instruction-counting hook on the first count>0 run
+    # and flushes every block when it is removed (count=0): run once now,
+    # before anything is translated, and never pass count=0.
+    uc.mem_map(PAGE, PAGE, UC_PROT_ALL)
+    uc.mem_write(PAGE, b"\x90" + HLT)
+    uc.emu_start(PAGE, 0, 0, 1)
+    uc.mem_unmap(PAGE, PAGE)
+    uc.ctl_flush_tb()
+    return uc
+
+
 class Machine:
-    """One Unicorn engine reused for every hit of every site and process."""
+    """One Unicorn engine reused for every hit of every site and process: the
+    pure-Python machine.  machine.c does the same in C (cmachine.py), and is
+    used instead when the compiled module is built."""
 
     def __init__(self) -> None:
-        # Any: unicorn's stubs describe the Python 2 binding (no ctl_flush_tb, aux1)
-        self.uc: Any = cast(Any, Uc(UC_ARCH_X86, UC_MODE_64))
+        self.uc = new_engine()
         self._h = self.uc._uch
         self._pages: dict[int, int] = {}  # Unicorn page -> host address of its buffer
         self._buffers: list[ctypes.Array[ctypes.c_char]] = []  # keeps them alive
@@ -136,14 +152,6 @@ class Machine:
         uc.hook_add(
             UC_HOOK_INSN, self._guarded(self._on_syscall, None), aux1=ucx.UC_X86_INS_SYSCALL
         )
-        # Unicorn adds its instruction-counting hook on the first count>0 run
-        # and flushes every block when it is removed (count=0): run once now,
-        # before anything is translated, and never pass count=0.
-        uc.mem_map(PAGE, PAGE, UC_PROT_ALL)
-        uc.mem_write(PAGE, b"\x90" + HLT)
-        uc.emu_start(PAGE, 0, 0, 1)
-        uc.mem_unmap(PAGE, PAGE)
-        uc.ctl_flush_tb()
 
     # ---- the hit -------------------------------------------------------
 
