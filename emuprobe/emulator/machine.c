@@ -59,47 +59,7 @@
 #define MF_NO_PYTHON 2  /* from the hot loop: hand back exec-page data and map misses */
 #define MF_KEEP_STORES 4 /* leave the stores to the caller (mach_store), which records them */
 
-typedef void uc_engine;
-typedef size_t uc_hook;
-
-struct uc_api {
-    int (*reg_write_batch)(uc_engine *, int const *, void *const *, int);
-    int (*reg_read_batch)(uc_engine *, int const *, void **, int);
-    int (*emu_start)(uc_engine *, uint64_t, uint64_t, uint64_t, size_t);
-    int (*emu_stop)(uc_engine *);
-    int (*mem_map_ptr)(uc_engine *, uint64_t, size_t, uint32_t, void *);
-    int (*mem_unmap)(uc_engine *, uint64_t, size_t);
-    int (*hook_add)(uc_engine *, uc_hook *, int, void *, void *, uint64_t, uint64_t, ...);
-    int (*ctl)(uc_engine *, int, ...);
-    const char *(*strerror)(int);
-    /* constants, from the binding */
-    int hook_mem_unmapped, hook_mem_read, hook_mem_write, hook_intr, hook_insn_invalid;
-    int hook_insn, ins_syscall, mem_fetch_unmapped, prot_all;
-    int ctl_remove_cache, ctl_flush_tb; /* encoded uc_ctl codes */
-};
-
-/* How one memory operand's address is formed (addresses.MemRef); register
- * fields are byte offsets into user_regs_struct, -1 for none, -2 for RIP. */
-struct mref {
-    int32_t base, index, seg, bitreg;
-    int64_t disp;
-    int32_t scale, bitsize, a32;
-};
-
-/* A UnicornStep, flattened by machine.py once per plan. */
-struct mplan {
-    int32_t length, nregs, rip_i, eflags_i;
-    int32_t uc_ids[32];
-    int32_t offs[32]; /* user_regs_struct offsets, matching uc_ids */
-    int32_t nxmm;
-    int32_t xmm_uc[17]; /* XMM ids, then MXCSR */
-    int32_t xmm_idx[16];
-    int32_t needs_fp, branch, rep, aligned16;
-    int32_t nrefs, nimplicit;
-    struct mref refs[8];
-    int32_t implicit[3];
-    uint64_t emulated_flags, reserved_one;
-};
+#include "machine.h"
 
 /* One address space as the machine sees it: /proc/PID/mem, its maps, and the
  * bytes our int3s displaced (machine.py pushes both when they change). */
