@@ -589,6 +589,28 @@ def test_read_of_the_stop_byte_is_refused(tracee: Tracee, emu: Emulator) -> None
     assert isinstance(difftest(tracee, emu, st), FastPath)
 
 
+def test_a_crash_inside_unicorn_costs_one_hit_and_the_engine(tracee: Tracee) -> None:
+    """A fatal signal inside the compiled machine's run (Unicorn 2.1.4 has
+    segfaulted there) refuses the hit with nothing changed, and the next hit
+    runs on a new engine, matching the CPU."""
+    if cmachine.compiled_module() is None:
+        pytest.skip("the compiled machine is not built")
+    emu = Emulator(compiled=True)
+    machine = emu.machine
+    assert isinstance(machine, cmachine.CMachine)
+    told: list[int] = []
+    machine.replaced.append(lambda: told.append(1))
+    st = State(bytes.fromhex("4801d8"))  # add rax, rbx
+    plan = plan_for(st.code, SITE)
+    assert isinstance(plan, UnicornStep)
+    machine.crash_next = True
+    assert "crashed" in assert_refused(tracee, emu, st, plan).reason
+    assert machine.crashes == 1 and told == [1]
+    difftest(tracee, emu, st, plan=plan)
+    difftest(tracee, emu, State(bytes.fromhex("48897c2408")), plan=plan_for(  # a store, too
+        bytes.fromhex("48897c2408"), SITE, fast=False))
+
+
 def test_ac_flag_and_native_plans_are_refused(tracee: Tracee, emu: Emulator) -> None:
     for hexcode in ("55", "4801d8"):  # FastPath, UnicornStep
         st = State(bytes.fromhex(hexcode), eflags=0x40202)

@@ -129,6 +129,8 @@ class HotLoop:
         if isinstance(machine, CMachine):
             self._machine = machine
             self._lib.hot_use_machine(machine.handle)
+            # after a crash inside Unicorn the machine gets a new engine
+            machine.replaced.append(lambda: self._lib.hot_use_machine(machine.handle))
 
     def _offer_unicorn(
         self, aid: int, site: ProbeSite, addr: int, plan: UnicornStep, aspace: AddressSpace

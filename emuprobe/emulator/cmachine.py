@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from typing import Any
 
 from unicorn import unicorn_const as ucc
@@ -26,8 +27,8 @@ from .machine import FpAccess, new_engine
 from .regs import EMULATED_FLAGS, MXCSR, RESERVED_ONE, XMMS
 
 # machine.c's results and flags
-_REFUSED, _MAPS_MISS, _HANDBACK, _COMMIT_FAILED = 1, 2, 3, 4
-_MAPS_FRESH, _KEEP_STORES = 1, 4
+_REFUSED, _MAPS_MISS, _HANDBACK, _COMMIT_FAILED, _CRASHED = 1, 2, 3, 4, 5
+_MAPS_FRESH, _KEEP_STORES, _TEST_CRASH = 1, 4, 8
 _STORE_CAP = 8 * 4096 + 64  # the largest store span: a rep string op at policy.REP_LIMIT
 _RIP_BASE, _NO_REG = -2, -1
 
@@ -88,6 +89,18 @@ class CMachine:
 
     def __init__(self, module: Any) -> None:
         self._ffi, self._lib = module.ffi, module.lib
+        self.crashes = 0  # engines lost to a crash inside Unicorn (machine.c's guard)
+        self.crash_next = False  # tests: fault inside the next guarded run
+        self.replaced: list[Callable[[], None]] = []  # told when the engine is replaced
+        self._dead: list[Any] = []
+        self._start()
+        self._plans: dict[UnicornStep, Any] = {}
+        self._fp_written = self._ffi.new("int *")
+        self._store_addr = self._ffi.new("uint64_t *")
+        self._store_buf: Any = None
+
+    def _start(self) -> None:
+        """A new engine, with machine.c's hooks on it."""
         ffi, lib = self._ffi, self._lib
         self.uc = new_engine()
         api = self._api = ffi.new("struct uc_api *")
@@ -108,10 +121,6 @@ class CMachine:
         self._m = lib.mach_new(ffi.cast("uc_engine *", self.uc._uch.value), api)
         if self._m == ffi.NULL:
             raise RuntimeError("machine.c: cannot install its Unicorn hooks")
-        self._plans: dict[UnicornStep, Any] = {}
-        self._fp_written = ffi.new("int *")
-        self._store_addr = ffi.new("uint64_t *")
-        self._store_buf: Any = None
 
     @property
     def handle(self) -> Any:
@@ -143,6 +152,9 @@ class CMachine:
         # stores instead of making them) is given the stores; else C writes them
         keep = type(mem).write is not ProcessMemory.write
         flags = _KEEP_STORES if keep else 0
+        if self.crash_next:
+            flags |= _TEST_CRASH
+            self.crash_next = False
         while True:
             rc = lib.mach_run(self._m, cplan, code, len(code), regbuf, fx, state.ctx, flags,
                               self._fp_written)  # fmt: skip
@@ -159,6 +171,14 @@ class CMachine:
                 return None, True
             return None, False
         reason = ffi.string(lib.mach_reason(self._m)).decode()
+        if rc == _CRASHED:
+            # the old engine's state is unknown: never run, nor closed (closing
+            # walks that state), just kept
+            self.crashes += 1
+            self._dead.append(self.uc)
+            self._start()
+            for tell in self.replaced:
+                tell()
         if rc == _COMMIT_FAILED:
             raise OSError(lib.mach_errno(self._m), reason)
         return reason, False

@@ -20,6 +20,8 @@
  * builds without Unicorn's headers or library.
  */
 #include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -53,11 +55,13 @@
 #define M_MAPS_MISS 2 /* an address outside the maps given: refresh them and run again */
 #define M_HANDBACK 3  /* no-Python mode met what only Python may decide */
 #define M_COMMIT_FAILED 4 /* a store could not be written back (errno in m->err) */
+#define M_CRASHED 5 /* Unicorn crashed inside emu_start: this machine is dead, make another */
 
 /* run flags */
 #define MF_MAPS_FRESH 1 /* the maps were just re-read: a miss is an unmapped address */
 #define MF_NO_PYTHON 2  /* from the hot loop: hand back exec-page data and map misses */
 #define MF_KEEP_STORES 4 /* leave the stores to the caller (mach_store), which records them */
+#define MF_TEST_CRASH 8  /* fault on purpose inside the guarded run (tests the guard) */
 
 #include "machine.h"
 
@@ -95,6 +99,7 @@ struct mach {
     struct span stores[M_MAX_STORES];
     int nstores;
     int faulted, escaped, maps_miss, handback, err;
+    int dead; /* crashed once: its Unicorn state is unknown, so it never runs again */
     char reason[192];
 };
 
@@ -379,6 +384,66 @@ static void on_syscall(uc_engine *uc, void *ud)
     fail(ud, "syscall reached the emulator");
 }
 
+/* ---- the crash guard -------------------------------------------------------- */
+
+/* Unicorn 2.1.4 has crashed inside emu_start on rare states (SIGSEGV, twice in
+ * ~900k difftest cases, not reproducible per case).  In the tracer that would
+ * kill emuprobe with int3s still planted in attached processes.  So a fatal
+ * signal inside a run jumps back to mach_run, which refuses the hit (it goes
+ * native) and marks the machine dead; cmachine.py makes a new engine.  Any
+ * other fatal signal goes to whoever handled it before (Python's faulthandler
+ * or the default action). */
+static const int crash_signals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+static struct sigaction prev_action[sizeof crash_signals / sizeof crash_signals[0]];
+static sigjmp_buf crash_env;
+static volatile sig_atomic_t in_run;
+static int guard_installed;
+
+static void on_crash(int sig, siginfo_t *si, void *uctx)
+{
+    if (in_run) {
+        in_run = 0;
+        siglongjmp(crash_env, sig); /* SA_NODEFER: the signal is not left blocked */
+    }
+    for (size_t i = 0; i < sizeof crash_signals / sizeof crash_signals[0]; i++) {
+        if (crash_signals[i] != sig)
+            continue;
+        struct sigaction *prev = &prev_action[i];
+        if ((prev->sa_flags & SA_SIGINFO) && prev->sa_sigaction != NULL) {
+            prev->sa_sigaction(sig, si, uctx);
+            return;
+        }
+        if (!(prev->sa_flags & SA_SIGINFO) && prev->sa_handler != SIG_DFL &&
+            prev->sa_handler != SIG_IGN) {
+            prev->sa_handler(sig);
+            return;
+        }
+        sigaction(sig, prev, NULL); /* the default: the fault repeats and kills */
+        return;
+    }
+}
+
+static void install_guard(void)
+{
+    if (guard_installed)
+        return;
+    stack_t old;
+    if (sigaltstack(NULL, &old) == 0 && (old.ss_flags & SS_DISABLE)) {
+        /* a handler for a stack overflow needs a stack of its own */
+        stack_t st = {.ss_sp = malloc(1 << 16), .ss_size = 1 << 16, .ss_flags = 0};
+        if (st.ss_sp != NULL)
+            sigaltstack(&st, NULL);
+    }
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_crash;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    for (size_t i = 0; i < sizeof crash_signals / sizeof crash_signals[0]; i++)
+        sigaction(crash_signals[i], &sa, &prev_action[i]);
+    guard_installed = 1;
+}
+
 /* ---- set-up ----------------------------------------------------------------- */
 
 struct mach *mach_new(uc_engine *uc, const struct uc_api *api)
@@ -400,6 +465,7 @@ struct mach *mach_new(uc_engine *uc, const struct uc_api *api)
         free(m);
         return NULL;
     }
+    install_guard();
     return m;
 }
 
@@ -573,6 +639,10 @@ int mach_run(struct mach *m, const struct mplan *p, const char *code_chars, int 
 {
     const uint8_t *code = (const uint8_t *)code_chars;
     *fp_written = 0;
+    if (m->dead) {
+        refuse(m, "the emulator crashed earlier");
+        return M_CRASHED;
+    }
     uint64_t site = MREG(regs, p->offs[p->rip_i]);
     int len = p->length;
     if (code_len < len)
@@ -614,7 +684,19 @@ int mach_run(struct mach *m, const struct mplan *p, const char *code_chars, int 
             return refuse(m, "unicorn: %s", m->api.strerror(rc));
     }
 
+    int sig = sigsetjmp(crash_env, 0);
+    if (sig != 0) {
+        m->mem = NULL;
+        m->dead = 1;
+        snprintf(m->reason, sizeof m->reason,
+                 "the emulator crashed (signal %d): a new one replaces it", sig);
+        return M_CRASHED;
+    }
+    in_run = 1;
+    if (flags & MF_TEST_CRASH)
+        *(volatile int *)0 = 0;
     int status = m->api.emu_start(m->uc, site, 0, 0, p->rep ? (size_t)1 << 62 : 1);
+    in_run = 0;
     m->mem = NULL;
     if (m->maps_miss)
         return M_MAPS_MISS;
