@@ -158,9 +158,18 @@ class Session:
             site = self.sites.add(
                 ProbeSite(image.identity, file_offset, image.path, vaddr, code, plan)
             )
-        if probe not in site.probes:
-            site.probes.append(probe)
+        self.add_probe(site, probe)
         return site
+
+    def add_probe(self, site: ProbeSite, probe: Probe) -> None:
+        """`probe` fires at `site` from now on.  A probe with handlers joining a
+        site the compiled loop already handles takes it back to Python (return
+        probes share a user probe's int3 while the program runs)."""
+        if probe in site.probes:
+            return
+        site.probes.append(probe)
+        if probe.handlers and self.hot is not None:
+            self.hot.withdraw(site)
 
     # -- the loop -------------------------------------------------------------
     @contextmanager

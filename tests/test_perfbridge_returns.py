@@ -10,6 +10,9 @@ import pytest
 
 import fixturebuild as fb
 from conftest import run_traced
+from emuprobe.api import Tracer
+from emuprobe.breakpoints.hotloop import HotLoop
+from emuprobe.perfbridge.bridge import Bridge
 
 VARIANTS = ["O0-pie", "O2-pie"]
 
@@ -126,3 +129,22 @@ def test_latency_histogram(tmp_path):
     rows = [ln for ln in t.events[1:] if ln.startswith(("[", "("))]
     assert all(ln.endswith("|") and len(ln) == 16 + 8 + 2 + 52 + 1 for ln in rows)
     assert sum(int(r.split("|")[0].split()[-1]) for r in rows) == sum(fib_returns(15).values())
+
+
+@pytest.mark.skipif(HotLoop.load() is None, reason="the compiled hot loop is not built")
+def test_return_site_that_the_compiled_loop_already_counts(capfd):
+    """pb_after_call is hit first by a jump (i == 0), before pb_leaf's first
+    return needs an int3 there, so a counting probe on it is handed to the
+    compiled loop; the return probe that then shares its int3 must take the
+    site back to Python, or the loop counts its returns and reports none."""
+    exe = fb.build("pb_ret", "O2-pie")
+    n = 300
+    records = []
+    t = Tracer.spawn([str(exe), "skip", str(n)])
+    user = t.probe("pb_after_call")  # counting only: C may take it
+    Bridge(t, records.append).add("pb_leaf%return rv=$retval:s64")
+    assert t.run() == 0
+    assert capfd.readouterr().out == f"skip calls={n} total={sum(range(1, n + 1)) - 1}\n"
+    returns = [r for r in records if r.kind == "return"]
+    assert user.hits == n
+    assert [dict(r.args)["rv"] for r in returns] == list(range(2, n + 1))

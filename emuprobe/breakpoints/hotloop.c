@@ -206,6 +206,15 @@ int hot_add_range(int aspace, uint64_t lo, uint64_t hi, int writable)
     return 0;
 }
 
+/* Stop handling the site at `addr` of `aspace`: a probe that needs Python
+ * (a handler) has joined it. */
+void hot_drop_site(int aspace, uint64_t addr)
+{
+    struct hot_site *s = find_site(aspace, addr, 0);
+    if (s != NULL)
+        s->aspace = -1; /* a tombstone, as in hot_forget */
+}
+
 /* Forget everything about `aspace` (exec replaced it, or it is gone). */
 void hot_forget(int aspace)
 {

@@ -57,6 +57,7 @@ class HotLoop:
         self._aspaces: dict[AddressSpace, int] = {}
         self._next_id = 0
         self._offered: set[tuple[int, int]] = set()  # (aspace id, addr) already decided
+        self._placed: dict[ProbeSite, list[tuple[int, int]]] = {}  # where C may handle it
         self._machine: CMachine | None = None
         self._keep: list[Any] = []
 
@@ -150,6 +151,7 @@ class HotLoop:
         if (aid, addr) in self._offered:
             return None
         self._offered.add((aid, addr))
+        self._placed.setdefault(site, []).append((aid, addr))
         index = self._index.get(site)
         if index is None:
             if len(self._sites) >= MAX_SITES:
@@ -158,6 +160,12 @@ class HotLoop:
             self._sites.append(site)
             self._folded.append(0)
         return index
+
+    def withdraw(self, site: ProbeSite) -> None:
+        """Python handles every later hit of `site` (a probe with a handler joined it)."""
+        for aid, addr in self._placed.pop(site, []):
+            self._lib.hot_drop_site(aid, addr)
+            self._offered.discard((aid, addr))
 
     def unbind(self, tid: int) -> None:
         self._lib.hot_unbind(tid)

@@ -25,6 +25,7 @@ ffibuilder.cdef(
                      const char *code);
     int hot_add_range(int aspace, uint64_t lo, uint64_t hi, int writable);
     void hot_forget(int aspace);
+    void hot_drop_site(int aspace, uint64_t addr);
     int hot_wait(int *tid, int *status, uint64_t *counters);
     int host_sse(const uint8_t *code, int len, uint8_t *fx);
 

@@ -57,8 +57,8 @@ class HeldSites:
         try:
             if site is None:
                 self._plant(aspace, addr)
-            elif self._probe not in site.probes:
-                site.probes.append(self._probe)  # a user probe's site: share its int3
+            else:
+                self._session.add_probe(site, self._probe)  # a user probe's site: share its int3
         except (ProbeError, OSError) as e:
             self._warn(f"return probe: no int3 at return site {addr:#x}: {e}")
             return False
