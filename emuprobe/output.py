@@ -38,12 +38,24 @@ class LinePrinter:
 
 
 def count_table(probes: list[Probe]) -> str:
-    """The --count summary: one row per probe, hits and how they were executed."""
+    """The --count summary: one row per probe, hits and how they were executed.
+    A %return probe's hits are its returns; EMULATED/NATIVE are its entries'."""
     width = max([len("PROBE")] + [len(p.name) for p in probes])
     rows = [f"{'PROBE':<{width}} {'HITS':>12} {'EMULATED':>12} {'NATIVE':>10}"]
     for p in probes:
-        rows.append(f"{p.name:<{width}} {p.hits:>12} {p.emulated:>12} {p.native_fallback:>10}")
+        rows.append(
+            f"{p.name:<{width}} {hits(p):>12} {p.emulated:>12} {p.native_fallback:>10}"
+        )
+    for p in probes:
+        if p.returns is not None:
+            rows.append(f"{p.name}: {p.returns} returns of {p.hits} entries "
+                        "(EMULATED and NATIVE count the entries)")  # fmt: skip
     return "\n".join(rows)
+
+
+def hits(p: Probe) -> int:
+    """What a probe counts: hits, or returns for a %return probe (as perf and bpftrace do)."""
+    return p.hits if p.returns is None else p.returns
 
 
 def stats_json(probes: list[Probe], exit_status: int) -> str:
@@ -51,7 +63,8 @@ def stats_json(probes: list[Probe], exit_status: int) -> str:
         {
             "probes": {
                 p.name: {
-                    "hits": p.hits,
+                    "hits": hits(p),
+                    **({"entries": p.hits} if p.returns is not None else {}),
                     "emulated": p.emulated,
                     "native_fallback": p.native_fallback,
                     "handler_errors": p.handler_errors,

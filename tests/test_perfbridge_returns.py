@@ -131,6 +131,23 @@ def test_latency_histogram(tmp_path):
     assert sum(int(r.split("|")[0].split()[-1]) for r in rows) == sum(fib_returns(15).values())
 
 
+def test_count_of_a_return_probe_is_its_returns(tmp_path):
+    """`--count f%return` counts returns, as perf and bpftrace count uretprobe
+    hits: with longjmp out of half the calls, fewer than the entries."""
+    exe = fb.build("pb_ret", "O0-pie")
+    n = 40
+    t = run_traced(tmp_path, ["pb_jump%return", "pb_jump"], [str(exe), "jump", str(n)],
+                   "--count")  # fmt: skip
+    assert t.status == 0, t.stderr
+    probes = t.stats["probes"]
+    assert probes["pb_jump"]["hits"] == 4 * n  # depth 3 down to 0, every call
+    assert probes["pb_jump__return"]["hits"] == 4 * (n // 2)  # the even calls return
+    assert probes["pb_jump__return"]["entries"] == 4 * n
+    # with -o, the table goes to the file
+    assert any(line.startswith(f"pb_jump__return: {4 * (n // 2)} returns of {4 * n} entries")
+               for line in t.events)
+
+
 @pytest.mark.skipif(HotLoop.load() is None, reason="the compiled hot loop is not built")
 def test_return_site_that_the_compiled_loop_already_counts(capfd):
     """pb_after_call is hit first by a jump (i == 0), before pb_leaf's first

@@ -34,6 +34,7 @@ class Probe:
     emulated: int = 0
     native_fallback: int = 0
     handler_errors: int = 0
+    returns: int | None = None  # a %return probe: returns seen (`hits` counts its entries)
 
 
 @dataclass(eq=False)

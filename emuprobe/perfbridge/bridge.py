@@ -32,11 +32,14 @@ class Bridge:
         self.unwind = unwind
         self._warned: set[str] = set()
         self.returns = ReturnTracker(tracer.session, self._on_return, self._warn_once)
+        self._return_probes: dict[str, Probe] = {}
 
     def add(self, spec: str | ProbeSpec) -> Probe:
         parsed = spec if isinstance(spec, ProbeSpec) else parse_probe(spec)
         probe = self.tracer.probe(parsed)
         if parsed.retprobe:
+            probe.returns = probe.returns or 0
+            self._return_probes[parsed.name] = probe
             probe.handlers.append(lambda ev: self.returns.on_entry(parsed, ev))
         else:
             probe.handlers.append(lambda ev: self._on_hit(parsed, ev))
@@ -56,6 +59,8 @@ class Bridge:
     def _on_return(self, spec: ProbeSpec, ev: ProbeEvent, func: int, entry_ts: int) -> None:
         # Fetched at the return, as the kernel's uretprobe does ($retval is rax
         # now); @+OFFSET counts from the probed function's file, not the caller's.
+        probe = self._return_probes[spec.name]
+        probe.returns = (probe.returns or 0) + 1
         values = fetch_all(spec.args, _context(ev, func)) if spec.args else ()
         self.sink(
             Record(

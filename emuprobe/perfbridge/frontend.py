@@ -75,7 +75,13 @@ class TraceFrontend:
         sinks = [s for s in (self.writer, self.aggregator) if s is not None]
         if not sinks and not self.args.kernel_events:
             for spec in self.specs:  # counting only: no handler, C may take the hits
-                tracer.probe(spec)
+                if not spec.retprobe:
+                    tracer.probe(spec)
+            returns = [spec for spec in self.specs if spec.retprobe]
+            if returns:  # a return is only seen through the return tracker
+                self.bridge = Bridge(tracer, lambda record: None)
+                for spec in returns:
+                    self.bridge.add(spec)
             return
         unwind = None
         if self.depth:
