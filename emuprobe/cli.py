@@ -204,6 +204,7 @@ def _bench(argv: list[str]) -> int:
 def _list(binary: str, glob: str) -> int:
     from .breakpoints.elfimage import ElfImage
     from .breakpoints.libraries import find_library_on_disk, is_path_spec
+    from .emulator.decode import NativeStep, analyze
 
     path = binary
     if not is_path_spec(binary) and not os.path.exists(binary):
@@ -214,6 +215,9 @@ def _list(binary: str, glob: str) -> int:
         if fnmatch.fnmatchcase(sym.name, glob):
             kind = " [ifunc]" if sym.ifunc else ""
             print(f"{sym.vaddr:#014x}  {sym.name:<40} {image.first_instruction(sym.vaddr)}{kind}")
+            plan = analyze(image.read(sym.vaddr, 16), sym.vaddr)
+            if isinstance(plan, NativeStep):  # a probe here costs a native step: say why
+                print(f"{'':16}native: {plan.reason}")
             shown += 1
     if shown == 0:
         raise ProbeError(f"{path}: no function matches '{glob}'")

@@ -15,10 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from emuprobe.difftest import prove
+from emuprobe.emulator import trust
 
 LOCKSTEP = (
     ["/bin/ls", "-la", "/usr/bin"],
@@ -29,13 +33,21 @@ LOCKSTEP = (
 )  # fmt: skip
 
 
-def run_jobs(examples: int, seed: int, jobs: int, out_dir: Path) -> list[dict]:
-    """Start one `emuprobe difftest` per job and wait for all; their JSON."""
+def run_jobs(examples: int, seed: int, jobs: int, out_dir: Path, update: bool) -> list[dict]:
+    """Start one `emuprobe difftest` per job and wait for all; their JSON.
+    With `update`, each job proves into its own copy of the packaged trust
+    table and corpus (merged by `merge_trust` afterwards)."""
     procs = []
     for i in range(jobs):
         out = out_dir / f"seed{seed + i}.json"
         cmd = [sys.executable, "-m", "emuprobe", "difftest", "--examples", str(examples),
                "--seed", str(seed + i), "--json", str(out)]  # fmt: skip
+        if update:
+            table = out_dir / f"seed{seed + i}.trust.json"
+            corpus = out_dir / f"seed{seed + i}.corpus.json"
+            shutil.copyfile(trust.packaged_path(), table)
+            corpus.write_text("{}\n")
+            cmd += ["--update-trust", "--trust-file", str(table), "--corpus", str(corpus)]
         log = open(out_dir / f"seed{seed + i}.log", "w")  # noqa: SIM115 - closed after wait
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log, out))
     results = []
@@ -73,17 +85,35 @@ def merge(results: list[dict]) -> dict:
     }
 
 
+def merge_trust(out_dir: Path, seed: int, jobs: int) -> None:
+    """The jobs' trust tables and corpora, merged into the packaged ones."""
+    merged = trust.TrustTable.load(trust.packaged_path())
+    corpus = prove.load_corpus()
+    for i in range(jobs):
+        merged = merged.merge(trust.TrustTable.load(out_dir / f"seed{seed + i}.trust.json"))
+        job = prove.load_corpus(out_dir / f"seed{seed + i}.corpus.json")
+        corpus = prove.add_encodings(corpus, [c for codes in job.values() for c in codes])
+    trust.packaged_path().write_text(merged.dump())
+    prove.corpus_path().write_text(prove.dump_corpus(corpus))
+    print(f"trust table: {len(merged.proofs)} classes, corpus: {len(corpus)} classes",
+          file=sys.stderr)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--examples", type=int, default=100_000, help="per job")
     ap.add_argument("--seed", type=int, default=2)
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--lockstep", action="store_true")
+    ap.add_argument("--update-trust", action="store_true",
+                    help="add what the jobs prove on this CPU to the packaged table and corpus")
     ap.add_argument("--out", help="keep the per-job JSON and logs here")
     args = ap.parse_args()
     out_dir = Path(args.out or tempfile.mkdtemp(prefix="emuprobe-fuzz-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    totals = merge(run_jobs(args.examples, args.seed, args.jobs, out_dir))
+    totals = merge(run_jobs(args.examples, args.seed, args.jobs, out_dir, args.update_trust))
+    if args.update_trust:
+        merge_trust(out_dir, args.seed, args.jobs)
     print(json.dumps(totals, indent=1))
     status = 1 if totals["trusted_mismatches"] else 0
     if args.lockstep:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +20,47 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 EMUPROBE = [sys.executable, "-m", "emuprobe"]
+
+# The user's own trust table (what `emuprobe difftest --prove` wrote in
+# ~/.cache) must not decide what the tests see: every emuprobe in this
+# session, in-process or spawned, reads its local table from here instead.
+_CACHE = tempfile.mkdtemp(prefix="emuprobe-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
+
+# Classes the tests rely on being emulated (prologues as compilers emit them,
+# and the first instructions of the firstinsn fixture): if this CPU has no
+# proof for one of them, the session proves this CPU first, as a user would.
+CORE_CODES = (
+    "55", "4889e5", "4883ec18", "f30f1efa", "e800010000", "e900010000", "c3", "488b05d0ff0000",
+    "48897c2408", "0f2807", "7410", "4889f8", "4801d8", "f20f58c1",
+    "660f6f05d0ff0000", "64488b042528000000", "488b3f",
+)  # fmt: skip
+
+
+def _cpu_lacks_core_proofs() -> list[str]:
+    from emuprobe.emulator import trust
+    from emuprobe.emulator.classkey import class_key
+    from emuprobe.emulator.x86cs import decode
+
+    trust.clear_caches()
+    keys = {class_key(decode(bytes.fromhex(h), 0x1000)) for h in CORE_CODES}
+    return sorted(keys - trust.trusted_here())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cpu_proven() -> None:
+    """Prove this CPU (`emuprobe difftest --prove`, into the session's cache)
+    when the packaged table does not cover the classes the tests need here:
+    trust is per CPU, and a test must not depend on which CPU it runs on."""
+    missing = _cpu_lacks_core_proofs()
+    if not missing:
+        return
+    done = subprocess.run([*EMUPROBE, "difftest", "--prove"], capture_output=True, text=True,
+                          timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    still = _cpu_lacks_core_proofs()
+    assert not still, f"--prove left core classes untrusted on this CPU: {still}"
 
 
 @dataclass

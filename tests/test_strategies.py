@@ -10,7 +10,6 @@ the others lose none.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import pytest
@@ -138,15 +137,16 @@ def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, ca
     """With these classes trusted, the FastPath and (with the compiled machine)
     UnicornStep sites run in C after their first hit; the program's checksum
     and every count equal the Python path's."""
-    try:
-        from emuprobe.emulator import trust
-    except ImportError:  # a tree without a trust table emulates every FastPath class
-        trust = None
-    if trust is not None:
-        table = tmp_path / "trust.json"
-        table.write_text(json.dumps({"min_cases": 1, "classes": dict.fromkeys(HOT_CLASSES, 1)}))
-        monkeypatch.setenv(trust.ENV_FILE, str(table))
-        trust.table.cache_clear()
+    from emuprobe.emulator import trust
+    from emuprobe.emulator.cpu import this_cpu
+
+    forced = trust.TrustTable(1)
+    for key in HOT_CLASSES:
+        forced.add_proof(key, this_cpu(), 1, 0)
+    table = tmp_path / "trust.json"
+    table.write_text(forced.dump())
+    monkeypatch.setenv(trust.ENV_FILE, str(table))
+    trust.clear_caches()
     exe = build("firstinsn", "O0-cet")  # c_func starts with endbr64
     n = 500
     plain = run(exe, str(n)).stdout
@@ -165,6 +165,6 @@ def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, ca
                 assert t.session.hot is not None
                 assert t.session.hot.handled() == len(HOT_PROBES) * (n - 1)
     finally:
-        if trust is not None:
-            trust.table.cache_clear()
+        monkeypatch.delenv(trust.ENV_FILE)
+        trust.clear_caches()
     assert seen["1"] == seen["0"] == {p: (n, n, 0) for p in HOT_PROBES}

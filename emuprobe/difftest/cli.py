@@ -18,7 +18,12 @@ and through the engine's per-hit path, and compares registers, flags, XMM,
 MXCSR, memory and faults.  The trust table (which classes the engine may
 emulate) is rewritten only with --update-trust.
 
+Trust is kept per CPU (vendor and family must match): --prove replays the
+shipped corpus, the prologues of libc, python3 and ls included, on this CPU
+and writes what it proves to your own table ($XDG_CACHE_HOME/emuprobe/trust.json).
+
 examples:
+  emuprobe difftest --prove                 # prove this CPU (once; about a minute)
   emuprobe difftest --examples 20000 --seed 1
   emuprobe difftest --mnemonic 'sh*' --examples 3000 --all
   emuprobe difftest --examples 200000 --update-trust --discrepancies fuzz/discrepancies
@@ -43,8 +48,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         action="store_true",
         help="skip classes the policy refuses (default: run them with it off)",
     )
-    d.add_argument("--update-trust", action="store_true", help="rewrite the trust table")
+    d.add_argument(
+        "--prove", action="store_true",
+        help="prove this CPU from the shipped corpus; writes your trust table",
+    )
+    d.add_argument("--jobs", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="--prove: worker processes (default: one per CPU)")
+    d.add_argument("--update-trust", action="store_true",
+                   help="add this campaign's proofs to the packaged trust table")
     d.add_argument("--trust-file", metavar="FILE", help="trust table to read and write")
+    d.add_argument("--corpus", metavar="FILE",
+                   help="--update-trust: add the encodings met here (default: the packaged "
+                        "corpus, when the packaged table is updated)")
     d.add_argument(
         "--min-cases",
         type=int,
@@ -63,13 +78,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def main(args: argparse.Namespace, command: list[str]) -> int:
     if args.trust_file:
         os.environ[trust.ENV_FILE] = args.trust_file
-        trust.table.cache_clear()
+        trust.clear_caches()
     if args.lockstep:
         if not command:
             raise ProbeError("--lockstep needs a command after '--'")
         return _lockstep(command, args.every)
     if command:
         raise ProbeError("a command after '--' is only for --lockstep")
+    if args.prove:
+        return _prove(args)
     return _campaign(args)
 
 
@@ -88,7 +105,7 @@ def _campaign(args: argparse.Namespace) -> int:
     # top-ups (more cases for classes short of proof) only matter for the table
     cfg = Config(examples=args.examples, seed=args.seed, glob=args.mnemonic,
                  min_cases=args.min_cases, topup=args.update_trust)  # fmt: skip
-    table = trust.table()
+    trusted = trust.trusted_here()
     with Runner(explore=not args.no_explore) as runner:
         bar = ProgressBar(cfg.examples)
         try:
@@ -97,22 +114,98 @@ def _campaign(args: argparse.Namespace) -> int:
             raise ProbeError(str(e)) from e
         finally:
             bar.finish()
-        print_summary(runner, table, sys.stdout, args.all)
+        print_summary(runner, trusted, sys.stdout, args.all)
         print_reproducers(runner, repro, sys.stdout)
         config = {"examples": cfg.examples, "seed": cfg.seed, "mnemonic": cfg.glob,
                   "explore": not args.no_explore, "min_cases": cfg.min_cases}  # fmt: skip
         if args.json:
-            Path(args.json).write_text(json.dumps(to_json(runner, table, repro, config), indent=1))
+            report = to_json(runner, trusted, repro, config)
+            Path(args.json).write_text(json.dumps(report, indent=1))
         if args.discrepancies:
             written = write_discrepancies(runner, repro, Path(args.discrepancies))
             print(f"{len(written)} reproducers written to {args.discrepancies}", file=sys.stderr)
         if args.update_trust:
-            new = update_trust(runner, table, cfg.min_cases, {"last_campaign": config})
             path = Path(args.trust_file) if args.trust_file else trust.packaged_path()
+            new = update_trust(runner.stats, _load_table(path), cfg.min_cases, config)
             path.write_text(new.dump())
-            print(f"trust table: {len(new.classes)} classes -> {path}", file=sys.stderr)
-        trusted_bad = sum(s.mismatches for k, s in runner.stats.items() if k in table)
+            print(f"trust table: {len(new.proofs)} classes -> {path}", file=sys.stderr)
+            corpus = Path(args.corpus) if args.corpus else None
+            if corpus is not None or not args.trust_file:
+                _add_to_corpus(runner.stats, corpus)
+        trusted_bad = sum(s.mismatches for k, s in runner.stats.items() if k in trusted)
     return 1 if trusted_bad else 0
+
+
+def _add_to_corpus(stats: dict, path: Path | None) -> None:
+    """The encodings a campaign met, added to what --prove replays."""
+    from .prove import corpus_from_campaign, corpus_path, dump_corpus, load_corpus
+
+    path = path or corpus_path()
+    path.write_text(dump_corpus(corpus_from_campaign(load_corpus(path), stats)))
+
+
+def _prove(args: argparse.Namespace) -> int:
+    import time
+
+    from ..emulator.cpu import this_cpu
+    from .prove import load_corpus, prologue_corpus, prove, select_classes
+    from .report import ProgressBar, update_trust
+
+    start = time.monotonic()
+    path = Path(args.trust_file) if args.trust_file else trust.local_path()
+    corpus, prologues = prologue_corpus(load_corpus())
+    sel = select_classes(corpus, trust.table())
+    cpu = this_cpu()
+    print(f"proving {len(sel.todo)} classes on {cpu.key} ({cpu.name}); {sel.known} already "
+          f"proven here", file=sys.stderr)  # fmt: skip
+    bar = ProgressBar(len(sel.todo) * args.min_cases * 2)
+    try:
+        out = prove(sel.todo, args.min_cases, args.jobs, bar.advance)
+    finally:
+        bar.finish()
+    meta = {"prove": {"classes": len(sel.todo), "cases": out.cases, "jobs": args.jobs}}
+    new = update_trust(out.stats, _load_table(path), args.min_cases, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new.dump())
+    trust.clear_caches()
+    _print_proof(out.stats, out.crashed, prologues, time.monotonic() - start, path)
+    return 0
+
+
+def _print_proof(stats: dict, crashed: list[str], prologues: list[bytes], seconds: float,
+                 path: Path) -> None:  # fmt: skip
+    from ..emulator.decode import NativeStep, analyze
+    from ..emulator.oracle import SITE
+
+    here = trust.trusted_here()
+    proven = sum(1 for k in stats if k in here)
+    masked = sum(1 for s in stats.values() if s.masked and not s.mismatches)
+    bad = sum(1 for s in stats.values() if s.mismatches)
+    cases = sum(s.cases for s in stats.values())
+    print(f"{cases} cases in {seconds:.0f} s: {proven} classes trusted on this CPU, {masked} "
+          f"equal only after masking, {bad} mismatching -> {path}")  # fmt: skip
+    for key in crashed:
+        print(f"not proven: {key} (a worker died on it)")
+    kinds = {"emulated": 0, "untrusted": 0, "policy": 0}
+    for code in prologues:
+        if isinstance(analyze(code, SITE, trusted_only=False), NativeStep):
+            kinds["policy"] += 1
+        elif isinstance(analyze(code, SITE), NativeStep):
+            kinds["untrusted"] += 1
+        else:
+            kinds["emulated"] += 1
+    n = max(len(prologues), 1)
+    print(f"prologues (first 6 instructions of every function in libc, python3, ls): "
+          f"{len(prologues)}: " + ", ".join(f"{v / n:.1%} {k}" for k, v in kinds.items()))
+
+
+def _load_table(path: Path) -> trust.TrustTable:
+    try:
+        return trust.TrustTable.load(path)
+    except FileNotFoundError:
+        return trust.TrustTable()
+    except (OSError, ValueError) as e:
+        raise ProbeError(str(e)) from e
 
 
 def _lockstep(command: list[str], every: int) -> int:

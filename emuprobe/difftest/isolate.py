@@ -21,10 +21,10 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
+from ..emulator.classkey import class_key
 from ..emulator.decode import NativeStep, analyze
 from ..emulator.execute import Emulator
 from ..emulator.oracle import Sandbox
-from ..emulator.trust import class_key
 from .cases import Case
 from .compare import MISMATCH, Verdict
 from .runner import Result, Runner, decode

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import sys
 from functools import cache
-from pathlib import Path
 
 import capstone
-from elftools.elf.elffile import ELFFile
+
+from .prologues import function_starts, libc_path, text_section
 
 # An opcode template: the bytes before ModRM, with any mandatory prefix first.
 Template = bytes
 
-LEGACY_PREFIXES = (0x66, 0xF2, 0xF3, 0x64, 0x65, 0xF0)  # + REX, drawn separately
+# Every legacy prefix: operand/address size, rep, segment overrides (2E/3E
+# are also branch hints and 3E notrack), lock.  REX is drawn separately.
+LEGACY_PREFIXES = (0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x3E, 0x26, 0x36, 0x64, 0x65, 0xF0)
 _NOT_OPCODES = frozenset({0x0F, 0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF0, 0xF2, 0xF3,
                           0xC4, 0xC5, 0x62, *range(0x40, 0x50)})  # fmt: skip
 _MODRMS = (0xC1, 0x07, 0x44, 0x84, 0xD0, 0xF8, 0x05)
@@ -32,7 +34,28 @@ PROLOGUES = (
     "f30f1efa", "f30f1efb", "55", "4155", "4156", "4157", "53", "4889e5", "4883ec18",
     "4881ec88000000", "31c0", "4885ff", "85ff", "488b05d0ff0000", "48897c2408", "c3",
     "e800010000", "e900010000", "f3c3", "0f1f4000", "660f1f440000",
+    # prefixed forms compilers and hand-written libc emit: bnd (MPX) and
+    # notrack (CET) branches, branch hints, pause, data16 and cs nops
+    "f2c3", "f2e900010000", "f2e800010000", "3effe0", "3effe1", "3eff24c5d0ff0000",
+    "2e7410", "3e7510", "f390", "6690", "662e0f1f840000000000",
+    "66662e0f1f840000000000", "0f1f440000", "0f1f840000000000",
 )  # fmt: skip
+
+# Opcodes whose meaning a prefix changes on some CPU, or that a prefix
+# leaves alone on one CPU and not on another: the "prefixed" map puts one to
+# three legacy prefixes (and maybe a REX) before each.  A rep prefix on
+# loope/loopne replaces the condition on AMD; 66 truncates a branch target on
+# AMD and not on Intel; 67 makes loop and jrcxz count in ECX.
+PREFIXED_BODIES = tuple(
+    bytes([op])
+    for op in (
+        0xE0, 0xE1, 0xE2, 0xE3,  # loopne loope loop jrcxz
+        0x74, 0x75, 0x7C, 0xEB, 0xE8, 0xE9, 0xC3, 0xC2,  # jcc, jmp, call, ret
+        0x50, 0x55, 0x58, 0x5D, 0x6A, 0x68, 0x90,  # push/pop, nop
+        0xA4, 0xA5, 0xAA, 0xAB, 0xAC, 0xAE, 0xA6,  # string ops
+        0x89, 0x8B, 0x01, 0x85, 0x31, 0xC7,  # mov/add/test/xor with ModRM
+    )
+) + (b"\x0f\x1f", b"\xff", b"\x0f\xb8", b"\x0f\xbc", b"\x0f\x1e")  # fmt: skip
 
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
@@ -48,7 +71,8 @@ def _decodes(template: bytes) -> bool:
 
 @cache
 def opcode_maps() -> dict[str, tuple[Template, ...]]:
-    maps: dict[str, list[Template]] = {"1byte": [], "0f": [], "0f38": [], "0f3a": [], "vex128": []}
+    maps: dict[str, list[Template]] = {"1byte": [], "0f": [], "0f38": [], "0f3a": [], "vex128": [],
+                                       "prefixed": list(PREFIXED_BODIES)}  # fmt: skip
     for op in range(256):
         if op not in _NOT_OPCODES and _decodes(bytes([op])):
             maps["1byte"].append(bytes([op]))
@@ -74,23 +98,16 @@ def opcode_maps() -> dict[str, tuple[Template, ...]]:
 @cache
 def real_code(limit: int = 30_000) -> tuple[bytes, ...]:
     """Instructions as compilers emit them, from libc and this Python: the
-    first instructions of every function symbol (prologues: what probes
-    displace) and a linear sweep over .text, so that the classes real
-    programs use are among those tried (and proven, for the trust table)."""
+    first instructions of every function (prologues: what probes displace)
+    and a linear sweep over .text, so that the classes real programs use are
+    among those tried (and proven, for the trust table)."""
     seen: dict[bytes, None] = dict.fromkeys(bytes.fromhex(h) for h in PROLOGUES)
-    for path in (_libc_path(), sys.executable):
-        if path is None:
+    for path in (libc_path(), sys.executable):
+        found = text_section(path) if path is not None else None
+        if found is None:
             continue
-        try:
-            with open(path, "rb") as f:
-                elf = ELFFile(f)
-                text = elf.get_section_by_name(".text")
-                if text is None:
-                    continue
-                data, base = text.data(), text["sh_addr"]
-                entries = sorted(_function_offsets(elf, base, len(data)))
-        except OSError:
-            continue
+        data, base, elf = found
+        entries = sorted(s - base for s in function_starts(elf) if 0 <= s - base < len(data))
         starts = entries + list(range(0, len(data), max(1, len(data) // 2000)))
         for start in starts:
             for i, insn in enumerate(_cs.disasm(data[start : start + 96], base + start)):
@@ -100,24 +117,3 @@ def real_code(limit: int = 30_000) -> tuple[bytes, ...]:
             if len(seen) >= limit:
                 return tuple(seen)
     return tuple(seen)
-
-
-def _function_offsets(elf: ELFFile, base: int, size: int) -> set[int]:
-    out = set()
-    for name in (".symtab", ".dynsym"):
-        sec = elf.get_section_by_name(name)
-        if sec is None:
-            continue
-        for sym in sec.iter_symbols():  # type: ignore[attr-defined]
-            off = sym["st_value"] - base
-            if sym["st_info"]["type"] == "STT_FUNC" and 0 <= off < size:
-                out.add(off)
-    return out
-
-
-def _libc_path() -> str | None:
-    for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64"):
-        p = Path(d) / "libc.so.6"
-        if p.exists():
-            return str(p)
-    return None

@@ -11,6 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, TextIO
 
+from ..emulator.cpu import this_cpu
 from ..emulator.decode import NativeStep, analyze
 from ..emulator.trust import TrustTable
 from .cases import Case
@@ -29,10 +30,20 @@ class ProgressBar:
         self.tty = out.isatty()
         self.start = time.monotonic()
         self._last = 0.0
+        self._next_line = self.total // 10
+        self.done = self.bad = 0
 
     def __call__(self, runner: Runner) -> None:
+        """A campaign's progress (a worker holds a copy: the runner is the truth)."""
+        self.show(runner.cases, sum(s.mismatches for s in runner.stats.values()))
+
+    def advance(self, cases: int, mismatches: int) -> None:
+        self.done += cases
+        self.bad += mismatches
+        self.show(self.done, self.bad)
+
+    def show(self, done: int, bad: int) -> None:
         now = time.monotonic()
-        done = runner.cases
         total = max(self.total, done)  # top-ups run past the planned count
         if self.tty:
             if now - self._last < 0.2:
@@ -41,11 +52,11 @@ class ProgressBar:
             width = 30
             filled = width * done // total
             rate = done / max(now - self.start, 1e-9)
-            bad = sum(s.mismatches for s in runner.stats.values())
             bar = "#" * filled + "." * (width - filled)
             self.out.write(f"\r[{bar}] {done}/{total} {rate:5.0f}/s mismatches {bad} ")
             self.out.flush()
-        elif done % max(self.total // 10, 1) == 0:  # stateless: workers hold copies
+        elif done >= self._next_line:
+            self._next_line = done + max(self.total // 10, 1)
             self.out.write(f"difftest: {done} cases, {now - self.start:.0f} s\n")
             self.out.flush()
 
@@ -54,17 +65,10 @@ class ProgressBar:
             self.out.write("\n")
 
 
-def class_status(s: ClassStats, trusted: TrustTable, min_cases: int) -> str:
-    if s.counts[POLICY] == s.cases:
-        return "policy"
-    if s.mismatches:
-        return "untrusted"
-    if s.proven >= min_cases:
-        return "proven"
-    return "few"
+Trusted = frozenset[str]  # the classes emulated on this CPU (trust.trusted_here())
 
 
-def summary_rows(runner: Runner, trusted: TrustTable) -> list[dict[str, Any]]:
+def summary_rows(runner: Runner, trusted: Trusted) -> list[dict[str, Any]]:
     by_mnem: dict[str, list[tuple[str, ClassStats]]] = defaultdict(list)
     for key, s in runner.stats.items():
         by_mnem[s.mnemonic].append((key, s))
@@ -85,7 +89,7 @@ def summary_rows(runner: Runner, trusted: TrustTable) -> list[dict[str, Any]]:
     return rows
 
 
-def totals(runner: Runner, trusted: TrustTable) -> dict[str, int]:
+def totals(runner: Runner, trusted: Trusted) -> dict[str, int]:
     stats = runner.stats
     compared = {MATCH, FAULT, REFUSED, MISMATCH}
     return {
@@ -105,7 +109,7 @@ def totals(runner: Runner, trusted: TrustTable) -> dict[str, int]:
     }
 
 
-def print_summary(runner: Runner, trusted: TrustTable, out: TextIO, all_rows: bool) -> None:
+def print_summary(runner: Runner, trusted: Trusted, out: TextIO, all_rows: bool) -> None:
     rows = summary_rows(runner, trusted)
     shown = rows if all_rows or len(rows) <= 60 else [r for r in rows if r["mismatch"]]
     head = "MNEMONIC             CASES   MATCH  FAULT  MISM MASKED POLICY  TRUSTED"
@@ -144,10 +148,11 @@ def print_reproducers(runner: Runner, repro: dict[str, Case], out: TextIO) -> No
 
 
 def to_json(
-    runner: Runner, trusted: TrustTable, repro: dict[str, Case], config: dict[str, Any]
+    runner: Runner, trusted: Trusted, repro: dict[str, Case], config: dict[str, Any]
 ) -> dict[str, Any]:
     return {
         "config": config,
+        "cpu": {"key": this_cpu().key, "name": this_cpu().name},
         "totals": totals(runner, trusted),
         "classes": {
             k: {**s.to_json(), "trusted": k in trusted} for k, s in sorted(runner.stats.items())
@@ -157,19 +162,23 @@ def to_json(
 
 
 def update_trust(
-    runner: Runner, table: TrustTable, min_cases: int, meta: dict[str, Any]
+    stats: dict[str, ClassStats], table: TrustTable, min_cases: int, campaign: dict[str, Any]
 ) -> TrustTable:
-    """`table` plus the classes this campaign proved, minus any it caught
-    mismatching.  Classes refused by policy are never entered."""
-    classes, untrusted = dict(table.classes), dict(table.untrusted)
-    for key, s in runner.stats.items():
+    """`table` plus what a campaign's `stats` proved on this CPU, and the
+    classes it caught mismatching here marked disproved on this CPU.  Classes
+    the policy refuses lose every proof (the policy holds on every CPU)."""
+    new = TrustTable().merge(table)
+    new.min_cases = min_cases
+    cpu = this_cpu()
+    new.note_cpu(cpu, campaigns=[campaign])
+    for key, s in stats.items():
         if s.mismatches and s.first_mismatch is not None and s.first_mismatch.verdict:
-            untrusted[key] = s.first_mismatch.verdict.diffs[0]
-        if key in untrusted or s.counts[POLICY] == s.cases:  # the policy now refuses it all
-            classes.pop(key, None)
+            new.disprove(key, cpu, s.first_mismatch.verdict.diffs[0])
+        elif s.counts[POLICY] == s.cases:
+            new.forget(key)
         elif s.proven >= min_cases:
-            classes[key] = max(classes.get(key, 0), s.proven)
-    return TrustTable(min_cases, classes, meta, untrusted)
+            new.add_proof(key, cpu, s.proven, s.masked)
+    return new
 
 
 _DIFF = re.compile(r"^(\S+): cpu (.+?) engine (.+)$")

@@ -12,18 +12,16 @@ import capstone
 from capstone import x86_const as csx
 
 from ..emulator import policy
+from ..emulator.classkey import class_key
 from ..emulator.decode import NativeStep, UnicornStep, analyze
 from ..emulator.execute import Emulator
 from ..emulator.oracle import Sandbox
-from ..emulator.trust import class_key
+from ..emulator.x86cs import decode
 from .cases import Case
 from .compare import MATCH, MISMATCH, Verdict, compare
 
 POLICY = "policy"  # the engine refuses the class by policy (explored with it off)
 NOPLAN = "noplan"  # nothing to compare: undecodable, unsafe to run, or not transferable
-
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
 
 # Never single-stepped in the sandbox: they would act outside the instruction's
 # own state (a syscall with random registers could kill(-1, SIGKILL) as root),
@@ -50,10 +48,6 @@ _NOT_EXPLORED = (
 
 def explorable(reason: str) -> bool:
     return not any(word in reason for word in _NOT_EXPLORED)
-
-
-def decode(code: bytes, addr: int) -> capstone.CsInsn | None:
-    return next(_cs.disasm(code[:16], addr, 1), None)
 
 
 def unsafe_natively(insn: capstone.CsInsn) -> bool:

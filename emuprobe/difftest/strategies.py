@@ -1,10 +1,13 @@
 """Hypothesis strategies: instructions from the opcode maps, and the state to
 run them from.
 
-Encodings: legacy prefixes (66 F2 F3 FS GS LOCK), REX (W/R/X/B), an opcode
-from the 1-byte, 0F, 0F38, 0F3A or VEX-128 map, then ModRM, SIB and eight
-bytes that become the displacement and immediate; capstone decides what the
-instruction is and where it ends.  A share of cases takes instructions from
+Encodings: legacy prefixes (66 67 F2 F3, the six segment overrides, LOCK),
+REX (W/R/X/B, redundant bits included), an opcode from the 1-byte, 0F, 0F38,
+0F3A or VEX-128 map, then ModRM, SIB and eight bytes that become the
+displacement and immediate; capstone decides what the instruction is and
+where it ends.  The "prefixed" map always puts one to three prefixes before
+the branches, loops, stack and string operations and nops whose meaning a
+prefix changes on some CPU (opcodes.PREFIXED_BODIES).  A share of cases takes instructions from
 real code (opcodes.real_code) instead.
 
 State: registers the instruction uses get boundary-biased values (0, -1,
@@ -24,6 +27,7 @@ still shrinks those, toward zero bytes, which decode to the simplest choices
 
 from __future__ import annotations
 
+import random
 import struct
 from functools import cache
 
@@ -41,7 +45,10 @@ MASK64 = (1 << 64) - 1
 STACK = DATA + 0x2000
 
 # map name -> share of generated encodings, in percent
-MAP_WEIGHTS = (("1byte", 30), ("0f", 27), ("0f38", 8), ("0f3a", 5), ("vex128", 10), ("real", 20))
+MAP_WEIGHTS = (
+    ("1byte", 27), ("0f", 25), ("0f38", 8), ("0f3a", 5), ("vex128", 10), ("prefixed", 7),
+    ("real", 18),
+)  # fmt: skip
 
 FIXED_GPRS = tuple(0x1111_1111_1111_1111 * (i + 1) & MASK64 for i in range(16))
 FIXED_XMM = tuple(bytes((i * 16 + j) & 0xFF for j in range(16)) for i in range(16))
@@ -130,7 +137,7 @@ def map_encodings(draw: st.DrawFn) -> bytes:
     if name == "real":
         return template
     b = Blob(draw(_ENC_BYTES))
-    nprefix = (0, 0, 0, 0, 1, 1, 1, 2)[b.byte() % 8]
+    nprefix = (0, 0, 0, 0, 1, 1, 1, 2)[b.byte() % 8] if name != "prefixed" else 1 + b.byte() % 3
     prefixes = bytes(b.pick(LEGACY_PREFIXES) for _ in range(nprefix))  # type: ignore[misc]
     rex_sel = b.byte()
     if name == "vex128":
@@ -179,14 +186,33 @@ def _used(insn: CsInsn) -> tuple[set[str], set[int]]:
 _STATE_FIXED = 24  # bytes of the state blob not tied to a register
 
 
+def _state_size(insn: CsInsn) -> int:
+    used_gprs, used_xmm = _used(insn)
+    return _STATE_FIXED + 9 * len(used_gprs | {"rsp"}) + 17 * len(used_xmm)
+
+
 @st.composite
 def cases(draw: st.DrawFn, pool: st.SearchStrategy[tuple[bytes, CsInsn]] = MAP_ENCODINGS) -> Case:
     """A case for an instruction from `pool` (default: the opcode maps and real code)."""
     code, insn = draw(pool)
+    size = _state_size(insn)
+    b = Blob(draw(st.binary(min_size=size, max_size=size)))
+    roll = draw(PERCENT) if any(op.type == csx.X86_OP_MEM for op in insn.operands) else 0
+    return build_case(code, insn, b, roll)
+
+
+def replay_case(code: bytes, insn: CsInsn, rng: random.Random) -> Case:
+    """The same kind of case as `cases` draws, from a seeded generator instead
+    of Hypothesis: what `emuprobe difftest --prove` replays, identically on
+    every run and machine."""
+    return build_case(code, insn, Blob(rng.randbytes(_state_size(insn))), rng.randrange(100))
+
+
+def build_case(code: bytes, insn: CsInsn, b: Blob, roll: int) -> Case:
+    """The state for `insn` read out of `b`; `roll` (0-99) picks where a memory
+    operand points (see _target)."""
     used_gprs, used_xmm = _used(insn)
     used_gprs.add("rsp")
-    size = _STATE_FIXED + 9 * len(used_gprs) + 17 * len(used_xmm)
-    b = Blob(draw(st.binary(min_size=size, max_size=size)))
     where = b.byte() % 10
     site = SITE if where < 8 else (CODE + 0x1000 if where == 8 else CODE + CODE_LEN) - len(code)
     gprs = dict(zip(GPR_NAMES, FIXED_GPRS, strict=True))
@@ -213,7 +239,7 @@ def cases(draw: st.DrawFn, pool: st.SearchStrategy[tuple[bytes, CsInsn]] = MAP_E
     overlay: list[tuple[int, bytes]] = []
     mem = [op for op in insn.operands if op.type == csx.X86_OP_MEM]
     if mem:
-        target = _target(draw(PERCENT), b, overlay)
+        target = _target(roll, b, overlay)
         if target is not None:
             code = _steer(insn, code, site, mem[0], target, gprs, seg_base)
     return Case(code, tuple(gprs[n] for n in GPR_NAMES), eflags, xmm, mxcsr,

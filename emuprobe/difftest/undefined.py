@@ -47,7 +47,15 @@ class Rule:
 
 
 def _bits(insn: CsInsn) -> int:
-    return insn.operands[0].size * 8 if insn.operands else 64
+    """The operand width.  For SHLD/SHRD and BT* with a memory destination it
+    is the register source's: with F2/F3 and 66 together, capstone 5 reports
+    a 32-bit memory operand for a 16-bit instruction."""
+    ops = insn.operands
+    if not ops:
+        return 64
+    if len(ops) >= 2 and ops[0].type == csx.X86_OP_MEM and ops[1].type == csx.X86_OP_REG:
+        return ops[1].size * 8
+    return ops[0].size * 8
 
 
 def _count(insn: CsInsn, before: UserRegs) -> int:

@@ -1,11 +1,11 @@
 """analyze(code, addr) -> Plan: decide once per probe site how its displaced
 instruction will take effect at every hit.
 
-This is the only place that runs capstone; the hit path dispatches on the Plan's
-type and never decodes.  Plans are position independent: a site is keyed by file
-and offset and may sit at different addresses in different processes, so a Plan
-holds displacements, never absolute addresses (`text` alone shows the address
-the site was analysed at).
+The decoding happens here (with the shared capstone of x86cs.py); the hit
+path dispatches on the Plan's type and never decodes.  Plans are position
+independent: a site is keyed by file and offset and may sit at different
+addresses in different processes, so a Plan holds displacements, never
+absolute addresses (`text` alone shows the address the site was analysed at).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from capstone import x86_const as csx
 
 from . import policy, trust
 from .addresses import MemRef, mem_refs
+from .classkey import LEGACY_PREFIXES as _LEGACY_PREFIXES
 from .regs import (
     BY_NAME,
     EFLAGS,
@@ -30,6 +31,7 @@ from .regs import (
     full_register,
     is_gpr64,
 )
+from .x86cs import CS as _cs
 
 FastOp = Literal[
     "nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call", "load", "store", "sse"
@@ -86,10 +88,6 @@ class NativeStep:
 
 Plan = FastPath | UnicornStep | NativeStep
 
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
-
-_LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _SEGMENT_PREFIXES = frozenset({0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
 
 # Registers capstone 5 leaves out of regs_access() (found by comparing it with
@@ -118,7 +116,7 @@ def analyze(
     """The Plan for the instruction at the start of `code` (the site's original
     bytes, up to 16), analysed as if at `addr`.
 
-    Only classes in the trust table (trust.py) are emulated.  `fast=False`
+    Only classes the trust table (trust.py) trusts on this CPU are emulated.  `fast=False`
     never returns a FastPath, `trusted_only=False` skips the trust table and
     `policy_check=False` skips it and the refusal tables (not the register
     checks); they exist for the difftest, which is what earns the trust.
@@ -131,8 +129,9 @@ def analyze(
         reason = _refusal(insn, code)
         if reason is not None:
             return NativeStep(reason, insn.size, insn.mnemonic, text)
-        if trusted_only and not trust.is_trusted(insn):
-            return NativeStep(trust.UNTRUSTED, insn.size, insn.mnemonic, text)
+        untrusted = trust.verdict(insn) if trusted_only else None
+        if untrusted is not None:
+            return NativeStep(untrusted, insn.size, insn.mnemonic, text)
     if fast:
         fp = _fast_path(insn, text) or _host_sse(insn, code, text)
         if fp is not None:
