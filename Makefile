@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 BUILD  := build
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench fuzz check-platform clean
+.PHONY: demo test lint bench fuzz prove check-platform clean
 
 check-platform:
 	@[ "$$(uname -s)/$$(uname -m)" = "Linux/x86_64" ] || \
@@ -43,11 +43,20 @@ test: $(STAMP) lint
 	$(BIN)/python -m pytest -q
 
 # Long differential campaigns (not part of `make test`): emulator against the
-# CPU on FUZZ_EXAMPLES cases per core, then lockstep over real programs.
+# CPU on FUZZ_EXAMPLES cases per core, then lockstep over six real programs
+# (ls, python3, gzip, sqlite3, git, xz: installed here when missing).
 FUZZ_EXAMPLES ?= 100000
 FUZZ_SEED ?= 2
 fuzz: $(STAMP)
+	-command -v sqlite3 >/dev/null && command -v git >/dev/null && command -v xz >/dev/null && \
+	  command -v gzip >/dev/null || \
+	  { apt-get update -qq && apt-get install -y -qq sqlite3 git xz-utils gzip; } >/dev/null 2>&1
 	$(BIN)/python fuzz/campaign.py --examples $(FUZZ_EXAMPLES) --seed $(FUZZ_SEED) --lockstep
+
+# Prove this CPU (see README "Differential testing"): what the tracer may
+# emulate here, written to $$XDG_CACHE_HOME/emuprobe/trust.json.
+prove: $(STAMP)
+	$(BIN)/emuprobe difftest --prove
 
 # The benchmark suite (not part of `make test`): matplotlib and rich from the
 # `bench` extra; the peers it compares with are installed when apt-get works

@@ -1,13 +1,15 @@
 """Long campaigns: `emuprobe difftest` on every core with its own seed, merged.
 
     python fuzz/campaign.py --examples 100000 --seed 2 [--jobs N] [--lockstep]
+                            [--update-trust]
 
-Each job is `emuprobe difftest --examples N --seed SEED+i --json ...` (the trust
-table is read, never written); the merged figures are what README.md's
-"Differential testing" section quotes: cases, distinct mnemonics, and the
-mismatches in trusted classes, which must be 0.  With --lockstep it then runs
-the two lockstep commands of the README.  Exit status 1 if any trusted class
-mismatched.
+Each job is `emuprobe difftest --examples N --seed SEED+i --json ...`; the
+merged figures are what README.md's "Differential testing" section quotes:
+cases, distinct mnemonics, and the mismatches in classes trusted on this CPU,
+which must be 0.  With --update-trust the jobs' proofs for this CPU and the
+encodings they met go into the packaged trust table and corpus.  With
+--lockstep it then runs the six lockstep commands of the README.  Exit
+status 1 if any class trusted here mismatched.
 """
 
 from __future__ import annotations
@@ -24,13 +26,31 @@ from pathlib import Path
 from emuprobe.difftest import prove
 from emuprobe.emulator import trust
 
-LOCKSTEP = (
-    ["/bin/ls", "-la", "/usr/bin"],
-    # /usr/bin/python3 rather than a PATH lookup, which may find a pyenv shim (a
-    # bash script that execs pyenv, that execs Python: mostly not Python)
-    ["/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3", "-c",
-     "import json,zlib; print(len(zlib.compress(json.dumps(list(range(1000))).encode())))"],
-)  # fmt: skip
+PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def lockstep_commands(work: Path) -> list[tuple[list[str], int]]:
+    """The six programs of README.md's lockstep table, each with the K of
+    --every K (every K-th instruction compared) that keeps the run under an
+    hour on these 2-core machines.  Inputs are written to `work` first."""
+    blob = work / "lockstep-64k.bin"  # compressible, like real data: the start of ls
+    blob.write_bytes((Path("/bin/ls").read_bytes() * 2)[:65536])
+    text = work / "lockstep-small.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox\n" for i in range(200)))
+    sql = ("create table t(a integer, b text); insert into t values (1,'x'),(2,'y'),(3,'z');"
+           " select sum(a), group_concat(b) from t; select count(*) from t where a > 1;")
+    return [
+        (["/bin/ls", "-la", "/usr/bin"], 5),
+        # /usr/bin/python3 rather than a PATH lookup, which may find a pyenv
+        # shim (a bash script that execs pyenv, that execs Python)
+        ([PYTHON, "-c", "import json,zlib; "
+          "print(len(zlib.compress(json.dumps(list(range(1000))).encode())))"], 10),
+        (["sh", "-c", f"exec gzip -c {blob} > /dev/null"], 5),
+        (["sqlite3", ":memory:", sql], 5),
+        (["git", "-C", str(REPO), "--no-pager", "log", "-5", "--oneline"], 5),
+        (["sh", "-c", f"exec xz -c {text} > /dev/null"], 10),
+    ]  # fmt: skip
 
 
 def run_jobs(examples: int, seed: int, jobs: int, out_dir: Path, update: bool) -> list[dict]:
@@ -117,9 +137,11 @@ def main() -> int:
     print(json.dumps(totals, indent=1))
     status = 1 if totals["trusted_mismatches"] else 0
     if args.lockstep:
-        for argv in LOCKSTEP:
-            cmd = [sys.executable, "-m", "emuprobe", "difftest", "--lockstep", "--", *argv]
-            print("$ emuprobe difftest --lockstep -- " + " ".join(argv), flush=True)
+        for argv, every in lockstep_commands(out_dir):
+            cmd = [sys.executable, "-m", "emuprobe", "difftest", "--lockstep", "--every",
+                   str(every), "--", *argv]  # fmt: skip
+            print(f"$ emuprobe difftest --lockstep --every {every} -- " + " ".join(argv),
+                  flush=True)
             done = subprocess.run(cmd, capture_output=True, text=True)
             print(done.stdout.splitlines()[-1] if done.stdout else done.stderr)
             status |= done.returncode

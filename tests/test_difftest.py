@@ -282,6 +282,29 @@ def test_ci_profile_finds_no_mismatch_in_trusted_classes(runner: Runner) -> None
     assert sum(s.proven for s in runner.stats.values()) >= campaign.CI_PROFILE.examples // 3
 
 
+def test_ci_profile_draws_the_same_cases_whatever_the_process_imported(tmp_path: Path) -> None:
+    """Hypothesis mixes the number literals of every imported local module
+    into its draws; under pytest that made the profile's cases depend on which
+    test modules were collected (a mismatch seen in the full run and not in
+    the file alone).  The campaign pins that pool."""
+    (tmp_path / "literals_mod.py").write_text("A = 8127\nB = 4095\nC = (900, 110, 1800, 204)\n")
+    script = (
+        "import hashlib, sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "if sys.argv[1] == 'more':\n"
+        "    import literals_mod, emuprobe.breakpoints.xol  # noqa\n"
+        "from emuprobe.difftest import campaign\n"
+        "drawn = repr([c.to_json() for c in campaign.draw_cases(campaign.CI_PROFILE, 400)])\n"
+        "print(drawn.count('code'), hashlib.sha256(drawn.encode()).hexdigest())\n"
+    )
+    outs = [
+        subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                       timeout=300, check=True).stdout
+        for mode in ("plain", "more")
+    ]  # fmt: skip
+    assert outs[0] == outs[1] and outs[0].startswith("400 ")
+
+
 def caught_by_ci_profile() -> Result | None:
     with Runner(explore=False) as r:
         try:

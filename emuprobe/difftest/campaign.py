@@ -14,6 +14,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from capstone import CsInsn
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
@@ -58,6 +59,45 @@ def _settings(n: int) -> settings:
     )
 
 
+def _pin_hypothesis_constants() -> None:
+    """Hypothesis draws about 5% of its choices from the number literals of
+    every local module the process has imported (its providers'
+    _get_local_constants), so a seed's cases would depend on what else was
+    imported (pytest imports every collected test module) and change with
+    every edit to emuprobe's source.  Pin that pool to empty, and forget what
+    an earlier run in this process cached from it."""
+    try:
+        from hypothesis.internal.conjecture import providers
+        from hypothesis.internal.constants_ast import Constants
+    except ImportError:  # a Hypothesis without local constants: nothing to pin
+        return
+    providers.HypothesisProvider._local_constants = Constants()  # type: ignore[assignment]
+    cache = getattr(providers, "CONSTANTS_CACHE", None)
+    if cache is not None:
+        cache.cache.clear()
+
+
+def _draw(strategy: st.SearchStrategy[Case], n: int, seed: int,
+          each: Callable[[Case], None]) -> None:  # fmt: skip
+    """Feed `n` cases drawn under `seed` to `each`, in this process."""
+    _pin_hypothesis_constants()
+
+    @hypothesis_seed(seed)
+    @_settings(n)
+    @given(strategy)
+    def one(case: Case) -> None:
+        each(case)
+
+    one()
+
+
+def draw_cases(cfg: Config, n: int) -> list[Case]:
+    """The first `n` cases `cfg` generates (of its first chunk), unrun."""
+    out: list[Case] = []
+    _draw(cases(_pool(cfg.glob)), min(n, cfg.chunk), cfg.seed * 1_000_003, out.append)
+    return out
+
+
 def _run(
     runner: Runner,
     strategy: st.SearchStrategy[Case],
@@ -66,19 +106,25 @@ def _run(
     progress: Progress | None,
     stop: Callable[[Result], bool] | None,
 ) -> None:
-    @hypothesis_seed(seed)
-    @_settings(n)
-    @given(strategy)
-    def one(case: Case) -> None:
+    def check(case: Case) -> None:
         r = runner.check(case)
         if progress is not None:
             progress(runner)
         if stop is not None and stop(r):
             raise StopCampaign(r)
 
-    stopped = in_worker(runner, one)
+    stopped = in_worker(runner, lambda: _draw(strategy, n, seed, check))
     if stopped is not None:
         raise StopCampaign(stopped)
+
+
+def _pool(glob: str) -> st.SearchStrategy[tuple[bytes, CsInsn]]:
+    if glob == "*":
+        return MAP_ENCODINGS
+    found = matching_encodings(glob)
+    if not found:
+        raise ValueError(f"no encoding found for mnemonic '{glob}'")
+    return encodings(st.sampled_from(found))
 
 
 def matching_encodings(glob: str) -> list[bytes]:
@@ -113,14 +159,7 @@ def run_campaign(
     """Run `cfg` on `runner` (its stats accumulate); returns a shrunk
     reproducer per class that mismatched.  `stop` may end it early (raising
     StopCampaign out of here)."""
-    if cfg.glob == "*":
-        pool = MAP_ENCODINGS
-    else:
-        found = matching_encodings(cfg.glob)
-        if not found:
-            raise ValueError(f"no encoding found for mnemonic '{cfg.glob}'")
-        pool = encodings(st.sampled_from(found))
-    strategy = cases(pool)
+    strategy = cases(_pool(cfg.glob))
     done = 0
     chunk_no = 0
     while done < cfg.examples:

@@ -226,6 +226,9 @@ def _lockstep(command: list[str], every: int) -> int:
         print(f"{mnem[:19]:<20}{n:>10}{rep.mismatched[mnem]:>12}", file=out)
     for mnem, diffs in rep.examples.items():
         print(f"mismatch in {mnem}: " + "; ".join(diffs[:3]), file=out)
+    if rep.masked:
+        masked = ", ".join(f"{m} {n}" for m, n in rep.masked.most_common())
+        print(f"differing only in bits the SDM leaves undefined: {masked}", file=out)
     compared = sum(rep.compared.values())
     skipped = ", ".join(f"{why}: {n}" for why, n in rep.skipped.most_common())
     print(f"{rep.steps} instructions stepped, {compared} compared over {len(rep.compared)} "

@@ -67,14 +67,17 @@ def prefix_length(code: bytes) -> int:
 
 def hidden_prefixes(insn: CsInsn) -> tuple[str, ...]:
     """The prefix bytes (`f3`, `66`...) and REX bits (`rex.w`...) that
-    capstone's text does not reflect: without them it reads the same."""
+    capstone's text does not reflect: without them it reads the same.  A
+    repeated prefix is named as often as it is repeated; a 66 is named
+    whenever no register or memory operand shows the operand size (`66 68
+    iw` pushes two bytes, `68 id` eight, and both print as `push imm`)."""
     raw = bytes(insn.bytes)
     n = prefix_length(raw[:-1])  # the last byte is never a prefix of this instruction
     if n == 0:
         return ()
     addr = insn.address
     seen = text_of(raw, addr)
-    hidden: set[str] = set()
+    hidden: list[str] = []
     for i in range(n):
         b = raw[i]
         # decoded one byte later, so the next instruction's address (branch
@@ -84,12 +87,17 @@ def hidden_prefixes(insn: CsInsn) -> tuple[str, ...]:
             for bit, name in _REX_BITS:
                 flipped = raw[:i] + bytes([b & ~bit]) + raw[i + 1 :]
                 if b & bit and text_of(flipped, addr) == seen:
-                    hidden.add(f"rex.{name}")
+                    hidden.append(f"rex.{name}")
             if b == 0x40 and same_without:
-                hidden.add("rex")
-        elif same_without:
-            hidden.add(f"{b:02x}")
+                hidden.append("rex")
+        elif same_without or (b == 0x66 and not _sized(insn)):
+            hidden.append(f"{b:02x}")
     return tuple(sorted(hidden))
+
+
+def _sized(insn: CsInsn) -> bool:
+    """Whether the operand form shows the operand size (a register or memory operand)."""
+    return any(op.type in (csx.X86_OP_REG, csx.X86_OP_MEM) for op in insn.operands)
 
 
 def class_key(insn: CsInsn) -> str:
