@@ -131,17 +131,17 @@ def _campaign(args: argparse.Namespace) -> int:
             print(f"trust table: {len(new.proofs)} classes -> {path}", file=sys.stderr)
             corpus = Path(args.corpus) if args.corpus else None
             if corpus is not None or not args.trust_file:
-                _add_to_corpus(runner.stats, corpus)
+                _add_to_corpus(runner.stats, corpus, cfg.min_cases)
         trusted_bad = sum(s.mismatches for k, s in runner.stats.items() if k in trusted)
     return 1 if trusted_bad else 0
 
 
-def _add_to_corpus(stats: dict, path: Path | None) -> None:
+def _add_to_corpus(stats: dict, path: Path | None, min_cases: int) -> None:
     """The encodings a campaign met, added to what --prove replays."""
     from .prove import corpus_from_campaign, corpus_path, dump_corpus, load_corpus
 
     path = path or corpus_path()
-    path.write_text(dump_corpus(corpus_from_campaign(load_corpus(path), stats)))
+    path.write_text(dump_corpus(corpus_from_campaign(load_corpus(path), stats, min_cases)))
 
 
 def _prove(args: argparse.Namespace) -> int:

@@ -80,10 +80,11 @@ def add_encodings(corpus: Corpus, codes: list[bytes]) -> Corpus:
     return out
 
 
-def corpus_from_campaign(corpus: Corpus, stats: dict[str, ClassStats]) -> Corpus:
-    """`corpus` plus the encodings a campaign met, for every class the policy
-    does not refuse outright."""
-    codes = [c for s in stats.values() if s.counts["policy"] < s.cases for c in s.codes]
+def corpus_from_campaign(corpus: Corpus, stats: dict[str, ClassStats], min_cases: int) -> Corpus:
+    """`corpus` plus the encodings a campaign met, for every class it proved
+    or disproved (a rare prefix combination met a few times is left out: no
+    replay proves it in a few hundred cases either)."""
+    codes = [c for s in stats.values() if s.proven >= min_cases or s.mismatches for c in s.codes]
     return add_encodings(corpus, codes)
 
 

@@ -46,14 +46,19 @@ class Rule:
     mask: MaskFn
 
 
+_SIZED_BY_SOURCE = frozenset({"shld", "shrd", "bt", "bts", "btr", "btc"})
+
+
 def _bits(insn: CsInsn) -> int:
     """The operand width.  For SHLD/SHRD and BT* with a memory destination it
     is the register source's: with F2/F3 and 66 together, capstone 5 reports
-    a 32-bit memory operand for a 16-bit instruction."""
+    a 32-bit memory operand for a 16-bit instruction.  (Not for shifts by CL,
+    whose register operand is the 8-bit count.)"""
     ops = insn.operands
     if not ops:
         return 64
-    if len(ops) >= 2 and ops[0].type == csx.X86_OP_MEM and ops[1].type == csx.X86_OP_REG:
+    if (insn.mnemonic.split()[-1] in _SIZED_BY_SOURCE and len(ops) >= 2
+            and ops[0].type == csx.X86_OP_MEM and ops[1].type == csx.X86_OP_REG):  # fmt: skip
         return ops[1].size * 8
     return ops[0].size * 8
 

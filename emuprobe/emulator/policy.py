@@ -154,6 +154,12 @@ BY_MNEMONIC: dict[str, str] = {
         ("vzeroupper", "vzeroall"), "{m}: zeroes YMM bits 255:128, which are not transferred"
     ),
     "ptwrite": "ptwrite: writes to the processor trace",
+    **dict.fromkeys(
+        ("vmread", "vmwrite", "vmcall", "vmlaunch", "vmresume", "vmxoff", "vmxon", "vmclear",
+         "vmptrld", "vmptrst", "vmfunc", "invept", "invvpid", "vmrun", "vmload", "vmsave",
+         "vmmcall", "stgi", "clgi", "skinit", "invlpga"),
+        "{m}: virtualisation instruction",
+    ),
     "serialize": "serialize: serialising instruction",
     **dict.fromkeys(
         ("clflush", "clflushopt", "clwb", "cldemote"),

@@ -59,8 +59,8 @@ class Proof:
 class TrustTable:
     min_cases: int = DEFAULT_MIN_CASES
     proofs: dict[str, dict[str, Proof]] = field(default_factory=dict)  # class -> cpu -> proof
-    # class -> cpu -> the mismatch that disproved it there: never trusted again
-    # on a matching CPU by a later campaign that happens to miss the same corner
+    # class -> cpu -> the mismatch that disproved it there: never trusted again,
+    # on any CPU, by a later campaign that happens to miss the same corner
     disproved: dict[str, dict[str, str]] = field(default_factory=dict)
     cpus: dict[str, dict[str, Any]] = field(default_factory=dict)  # cpu -> what proved it
 
@@ -116,9 +116,9 @@ class TrustTable:
 
     def verdict(self, key: str, cpu: Cpu, masked_ok: bool = False) -> str | None:
         """None if `key` may be emulated on `cpu`, else why not."""
-        for cpu_key, why in self.disproved.get(key, {}).items():
-            if cpu.matches(Cpu.from_key(cpu_key)):
-                return f"untrusted on this CPU: disproved on {cpu_key} ({why})"
+        for cpu_key, why in sorted(self.disproved.get(key, {}).items()):
+            # on any CPU: most mismatches are the engine's, whatever the CPU
+            return f"untrusted: disproved on {cpu_key} ({why})"
         proofs = self.proofs.get(key, {})
         here = {k: p for k, p in proofs.items() if cpu.matches(Cpu.from_key(k))}
         if not here:
