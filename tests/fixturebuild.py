@@ -63,6 +63,7 @@ class Fixture:
 
 FIXTURE_SPECS: dict[str, Fixture] = {
     "firstinsn": Fixture(("firstinsn.c",), "firstinsn"),
+    "prefixed": Fixture(("prefixed.c",), "prefixed"),
     "threads": Fixture(("threads.c",), "threads", libs=("-pthread",)),
     "forkexec": Fixture(("forkexec.c",), "forkexec"),
     "vfork": Fixture(("vfork.c",), "vfork"),
