@@ -299,8 +299,13 @@ def _host_sse(insn: capstone.CsInsn, code: bytes, text: str) -> FastPath | None:
     no other register read or written (capstone lists MXCSR as none)."""
     if insn.mnemonic not in policy.HOST_SSE or _vex_kind(code) is not None:
         return None
-    if _legacy_prefixes(code[: insn.size]).translate(None, b"\x66\xf2\xf3"):
+    prefixes = _legacy_prefixes(code[: insn.size])
+    if prefixes.translate(None, b"\x66\xf2\xf3"):
         return None  # segment, address-size or lock prefixes: not this plain form
+    if _ignored_mandatory_prefix(insn, code, prefixes):
+        # #UD on the CPU: run here it would raise SIGILL in the tracer (the
+        # policy refuses it, but the difftest explores with the policy off)
+        return None
     read_ids, write_ids = insn.regs_access()
     names = [insn.reg_name(r) for r in (*read_ids, *write_ids)]
     names += [

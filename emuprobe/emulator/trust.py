@@ -120,7 +120,7 @@ class TrustTable:
             # on any CPU: most mismatches are the engine's, whatever the CPU
             return f"untrusted: disproved on {cpu_key} ({why})"
         proofs = self.proofs.get(key, {})
-        here = {k: p for k, p in proofs.items() if cpu.matches(Cpu.from_key(k))}
+        here = {k: p for k, p in proofs.items() if cpu.matches(_cpu(k))}
         if not here:
             if proofs:
                 return f"untrusted on this CPU (proven on {', '.join(sorted(proofs))})"
@@ -180,6 +180,11 @@ class TrustTable:
                 f' "cpus": {json.dumps(self.cpus, sort_keys=True)}')  # fmt: skip
         return "{\n" + ",\n".join([head, block("disproved", self.disproved),
                                      block("classes", classes)]) + "\n}\n"  # fmt: skip
+
+
+@cache
+def _cpu(key: str) -> Cpu:
+    return Cpu.from_key(key)
 
 
 def packaged_path() -> Path:
