@@ -1,9 +1,19 @@
-"""`python -m emuprobe` is the `emuprobe` command."""
+"""`python -m emuprobe` and the `emuprobe` command."""
 
 from __future__ import annotations
 
 import sys
 
-from .cli import main
 
-sys.exit(main())
+def run() -> int:
+    """The command's entry point: a Ctrl-C while Python is still importing
+    emuprobe (nothing started yet) exits 130 without a traceback."""
+    try:
+        from .cli import main
+    except KeyboardInterrupt:
+        return 130
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -14,7 +14,7 @@ from typing import TextIO
 
 from .breakpoints.strategies import NAMES as STRATEGY_NAMES
 from .breakpoints.strategies import describe as describe_strategies
-from .errors import ProbeError
+from .errors import OutputClosed, ProbeError
 from .perfbridge import options as perf_options
 
 TRACE_EPILOG = """\
@@ -93,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's flush at exit does not
+    complain about the closed pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
 def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split at the first '--': emuprobe's arguments, then the command's."""
     if "--" in argv:
@@ -123,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     except ProbeError as e:
         print(f"emuprobe: {e}", file=sys.stderr)
         return 2
+    except (OutputClosed, BrokenPipeError):
+        # the reader went away (`| head`): every int3 is out and the tracee
+        # detached (Session.run); end quietly, as perf and bpftrace do
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - last line of defence: no traceback for users

@@ -9,3 +9,8 @@ class ProbeError(Exception):
     Raised before anything in the tracee is changed, so that a user's mistake
     never leaves the tracee in a different state.
     """
+
+
+class OutputClosed(Exception):
+    """An output emuprobe writes to was closed by its reader (EPIPE, as with
+    `| head`): the session ends quietly, as perf and bpftrace do."""

@@ -29,7 +29,7 @@ from .breakpoints.xol import Xol
 from .breakpoints.xolinsn import prepare
 from .emulator.decode import NativeStep, analyze
 from .emulator.execute import Emulated, Emulator
-from .errors import ProbeError
+from .errors import OutputClosed, ProbeError
 from .events import ProbeEvent, Registers
 
 # The dynamic linker calls this empty function whenever its list of loaded
@@ -83,6 +83,8 @@ class Session:
         self.stop_signal = 0
         self.attached = False
         self._waiting = False
+        self._leaving = False  # detaching: traps are rewound, not executed
+        self._failed = False  # leaving because something raised: no handler runs
         self._warn = warn or (lambda msg: print(f"emuprobe: {msg}", file=sys.stderr))
         self._warned: set[str] = set()
         # Hooks for perfbridge: callbacks when a process is first planted;
@@ -196,6 +198,9 @@ class Session:
                 self._dispatch(*got)
         except _Interrupted:
             pass
+        except BaseException:
+            self._failed = True  # a handler's SystemExit, EPIPE, a bug of ours
+            raise
         finally:
             if self.hot is not None:
                 self.hot.sync()
@@ -300,6 +305,19 @@ class Session:
             self.reg.resume(thread, signal.SIGTRAP)  # the program's own trap
             return
         regs.rip = addr
+        thread.at_site = addr
+        if self._leaving:
+            # On the way out the thread is rewound and runs the instruction
+            # itself once the byte is restored.  The hit still counts, unless
+            # we are leaving because something failed (a handler, maybe).
+            if thread.process.followed and not self._failed:
+                try:
+                    self._report(thread, site, regs)
+                except OutputClosed:
+                    self._failed = True
+            self._rewind(thread)
+            self.reg.resume(thread)  # held: detach_all lets it go
+            return
         if thread.process.followed:
             self._report(thread, site, regs)
         self._execute(thread, site, addr, regs)
@@ -309,12 +327,15 @@ class Session:
     def _execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
         strategy = self.strategy
         followed = thread.process.followed
+        if strategy != "emulate" or type(site.plan) is NativeStep:
+            thread.at_site = None  # the steps below set rip themselves
         if strategy == "emulate" and type(site.plan) is not NativeStep:
             done = self.emulator.step(
                 site.plan, site.code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
             )
             if isinstance(done, Emulated):
                 ptrace.setregs(thread.tid, regs)
+                thread.at_site = None  # the instruction has taken effect
                 self.reg.resume(thread)
                 self._count(site, emulated=True, followed=followed)
                 if self.hot is not None and followed:
@@ -328,6 +349,7 @@ class Session:
                 return
         # A rep string op traps after every iteration: step it to completion
         # whatever its plan (a NativeStep plan carries no rep flag).
+        thread.at_site = None
         rep = prepare(site.code).rep
         outcome = native_step(
             self.reg, thread, addr, regs, rep, stop_world=strategy != "inplace"
@@ -374,6 +396,8 @@ class Session:
             for handler in probe.handlers:
                 try:
                     handler(event)
+                except (OutputClosed, BrokenPipeError) as e:
+                    raise OutputClosed(str(e)) from e  # the reader is gone: end the session
                 except Exception as e:  # noqa: BLE001 - a handler's bug must not hurt the tracee
                     probe.handler_errors += 1
                     if probe.handler_errors == 1:
@@ -454,13 +478,16 @@ class Session:
     def detach_all(self) -> None:
         """Remove every int3 and detach from everything, leaving all tracees unharmed.
 
-        All threads are stopped first; stops already queued are handled as
-        usual (a thread already trapped on one of our int3s gets its hit
-        handled, so no event is lost and no SIGTRAP is left to kill it), but
+        All threads are stopped first; stops already queued are handled (a
+        thread trapped on one of our int3s has its hit counted, unless a
+        failure is why we leave, and is rewound onto the instruction, so no
+        SIGTRAP is left to kill it and it runs the instruction itself), but
         nothing is resumed: a signal owed to a thread is delivered at detach.
+        Every way out of a session comes here.
         """
         owed: dict[int, int] = {}
         self.reg.hold = owed
+        self._leaving = True
         for _ in range(100):  # new threads can appear while we stop the others
             running = [t for t in self.reg.threads.values() if not t.stopped]
             if not running and not self.reg.pending:
@@ -468,6 +495,8 @@ class Session:
             self.reg.stop_threads(running)
             while self.reg.pending:
                 self._dispatch(*self.reg.pending.popleft())
+        for thread in list(self.reg.threads.values()):
+            self._rewind(thread)  # one a failure left on its int3
         for proc in list(self.reg.processes.values()):
             proc.aspace.unplant_all()
         for tid, thread in list(self.reg.threads.items()):
@@ -479,6 +508,19 @@ class Session:
         for proc in list(self.reg.processes.values()):
             self.reg.remove_process(proc)
         self.reg.hold = None
+
+    def _rewind(self, thread: Thread) -> None:
+        """Put a thread trapped on our int3 back on the instruction."""
+        addr, thread.at_site = thread.at_site, None
+        if addr is None or not thread.stopped:
+            return
+        try:
+            regs = ptrace.getregs(thread.tid)
+            if regs.rip == addr + 1:
+                regs.rip = addr
+                ptrace.setregs(thread.tid, regs)
+        except OSError:
+            pass  # gone
 
     def _warn_once(self, msg: str) -> None:
         if msg not in self._warned:

@@ -49,6 +49,11 @@ class Thread:
     # resumed (stop-the-world, or an event queued for later).
     stopped: bool = False
     comm: str = ""
+    # The address of our int3 this thread trapped on, while its registers in
+    # the kernel still say rip = at_site + 1 (the hit is not yet done): every
+    # way out rewinds such a thread before the byte goes, or it would resume
+    # one byte into the restored instruction.
+    at_site: int | None = None
 
 
 def _status_field(tid: int, field: str) -> int | None:
