@@ -115,7 +115,11 @@ class Session:
         otherwise it is a warning and that probe is skipped in this process.
         """
         aspace = proc.aspace
-        for m in aspace.memory.refresh().mappings:
+        maps = aspace.memory.refresh()
+        for addr in aspace.forget_gone():  # dlclose, munmap: the file left that address
+            if self.hot is not None:
+                self.hot.drop(aspace, addr)
+        for m in maps.mappings:
             if not (m.is_file and m.executable):
                 continue
             for target in self.targets:

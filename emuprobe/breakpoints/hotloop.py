@@ -167,6 +167,17 @@ class HotLoop:
             self._lib.hot_drop_site(aid, addr)
             self._offered.discard((aid, addr))
 
+    def drop(self, aspace: AddressSpace, addr: int) -> None:
+        """No site at `addr` in `aspace` any more (its file was unmapped)."""
+        aid = self._aspaces.get(aspace)
+        if aid is None:
+            return
+        self._lib.hot_drop_site(aid, addr)
+        self._offered.discard((aid, addr))
+        for places in self._placed.values():
+            if (aid, addr) in places:
+                places.remove((aid, addr))
+
     def unbind(self, tid: int) -> None:
         self._lib.hot_unbind(tid)
 

@@ -109,24 +109,67 @@ class AddressSpace:
         self.memory.planted[addr] = site.code[:n]
         return True
 
-    def unplant(self, addr: int) -> None:
+    def unplant(self, addr: int) -> bool:
+        """Forget the site at `addr` and put its original byte back, if the
+        byte is still ours: our 0xcc, in a mapping of the site's file at the
+        site's offset.  Otherwise (the file was unmapped and something else
+        mapped there, the program rewrote the byte) nothing is written.
+        True if the byte was restored."""
         site = self.planted.pop(addr)
         self.memory.planted.pop(addr, None)
+        if not self._ours(addr, site):
+            return False
         self.memory.write(addr, site.code[:1])
+        return True
 
     def unplant_all(self) -> None:
+        try:
+            self.memory.refresh()  # one fresh look at the maps for every check below
+        except OSError:
+            self.planted.clear()  # the mm is gone: nothing left to restore
+            self.memory.planted.clear()
+            return
         for addr in list(self.planted):
             try:
                 self.unplant(addr)
             except OSError:
                 pass  # the mm is gone: nothing left to restore
 
-    def restore_byte(self, addr: int) -> None:
-        """Put the original byte back without forgetting the site (native step)."""
+    def restore_byte(self, addr: int) -> bool:
+        """Put the original byte back without forgetting the site (native
+        step), if our 0xcc is still there; False if it is not."""
+        if self.memory.read(addr, 1) != INT3:
+            return False
         self.memory.write(addr, self.planted[addr].code[:1])
+        return True
 
     def replant_byte(self, addr: int) -> None:
-        self.memory.write(addr, INT3)
+        """The int3 again after a native step, where the original byte still is."""
+        if self.memory.read(addr, 1) == self.planted[addr].code[:1]:
+            self.memory.write(addr, INT3)
+
+    def forget_gone(self) -> list[int]:
+        """Forget, without writing, the sites whose address no longer holds
+        their file at their offset (munmap, dlclose, a new mapping there).
+        Uses the cached maps: refresh them first.  The forgotten addresses."""
+        gone = [a for a, site in self.planted.items() if not self._maps_hold(a, site)]
+        for addr in gone:
+            del self.planted[addr]
+            self.memory.planted.pop(addr, None)
+        return gone
+
+    def _maps_hold(self, addr: int, site: ProbeSite) -> bool:
+        m = self.memory.maps().find(addr)
+        return (m is not None and (m.dev, m.inode) == site.file
+                and m.file_offset_to_addr(site.file_offset) == addr)  # fmt: skip
+
+    def _ours(self, addr: int, site: ProbeSite) -> bool:
+        if not self._maps_hold(addr, site):
+            return False
+        try:
+            return self.memory.read(addr, 1) == INT3
+        except OSError:
+            return False
 
     def fork_copy(self, child_memory: ProcessMemory) -> AddressSpace:
         """The child's mm after fork: a copy of ours, int3s included."""

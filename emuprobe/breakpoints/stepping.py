@@ -60,8 +60,7 @@ def native_step(
     restored = False
     try:
         ptrace.setregs(thread.tid, regs)
-        aspace.restore_byte(addr)
-        restored = True
+        restored = aspace.restore_byte(addr)  # False: our 0xcc was replaced meanwhile
         outcome = single_step(reg, thread, addr, repeats)
     finally:
         # An exec inside the step replaced the mm: the old one is gone and the
