@@ -327,7 +327,7 @@ def expected_stdout(name: str, *args: str) -> str:
         if "pause" in args:
             lines.append("PAUSED")
     elif name == "threads":
-        t = 8 * (a[0] if a else 1000)
+        t = 8 * (a[0] if a else 1000) + (a[1] if len(a) > 1 else 0)
         lines = ["threads=8", f"calls work={t}", f"calls t_atomic_inc={t}", f"counter={t}"]
         lines.append(f"sum={t * (t - 1) // 2}")
     elif name in ("forkexec", "vfork"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import fixturebuild as fb
+from conftest import hits, run_traced
 from emuprobe.perfbridge import kernel
 
 _OK, _WHY = kernel.available()
@@ -218,3 +219,23 @@ def test_removed_at_exit_without_with_block(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert not group_listed("emuprobe_atexit_test")
+
+
+@pytest.mark.parametrize("func", ["work", "t_atomic_inc"])  # emulated / native fallback
+def test_kernel_uprobe_beside_ours_keeps_firing(tmp_path: Path, func: str) -> None:
+    """A kernel uprobe on the instruction after one of ours, in a program
+    whose worker threads exit before the main thread makes the last calls:
+    the kernel sees every call, traced or not (emuprobe writes only its own
+    byte, never the kernel's)."""
+    exe = fb.build("threads", "O2-pie", out_dir=tmp_path)
+    m, tail = 2000, 300
+    calls = 8 * m + tail
+    second = fb.symbol_offset(exe, func) + 5  # both first instructions are 5 bytes
+    with kernel.KernelUprobes() as ku:
+        event = ku.add(str(exe), second)
+        t = run_traced(tmp_path, [func], [str(exe), str(m), str(tail)])
+        traced = ku.hits()[event]
+    assert t.status == 0, t.stderr
+    assert t.stdout == fb.expected_stdout("threads", str(m), str(tail))
+    assert hits(t) == {func: calls}
+    assert traced == calls
