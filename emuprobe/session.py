@@ -7,6 +7,7 @@ keep running; only the native fallback stops the world.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ from .breakpoints.xol import Xol
 from .breakpoints.xolinsn import prepare
 from .emulator.decode import NativeStep, analyze
 from .emulator.execute import Emulated, Emulator
+from .emulator.regs import TF
 from .errors import OutputClosed, ProbeError
 from .events import ProbeEvent, Registers
 
@@ -331,6 +333,9 @@ class Session:
     def _execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
         strategy = self.strategy
         followed = thread.process.followed
+        # The program's own single-stepping (EFLAGS.TF): natively the CPU
+        # traps after the instruction, so the emulated or stepped one must too.
+        program_tf = bool(regs.eflags & TF)
         if strategy != "emulate" or type(site.plan) is NativeStep:
             thread.at_site = None  # the steps below set rip themselves
         if strategy == "emulate" and type(site.plan) is not NativeStep:
@@ -340,7 +345,8 @@ class Session:
             if isinstance(done, Emulated):
                 ptrace.setregs(thread.tid, regs)
                 thread.at_site = None  # the instruction has taken effect
-                self.reg.resume(thread)
+                trap = _single_step_trap(thread.tid, regs.rip) if program_tf else 0
+                self.reg.resume(thread, trap)
                 self._count(site, emulated=True, followed=followed)
                 if self.hot is not None and followed:
                     self.hot.offer(thread, site, addr, regs)
@@ -356,7 +362,8 @@ class Session:
         thread.at_site = None
         rep = prepare(site.code).rep
         outcome = native_step(
-            self.reg, thread, addr, regs, rep, stop_world=strategy != "inplace"
+            self.reg, thread, addr, regs, rep, stop_world=strategy != "inplace",
+            program_tf=program_tf,
         )
         self._count(site, emulated=False, followed=followed)
         resume_after_step(self.reg, thread, outcome)
@@ -530,6 +537,20 @@ class Session:
         if msg not in self._warned:
             self._warned.add(msg)
             self._warn(msg)
+
+
+def _single_step_trap(tid: int, rip: int) -> int:
+    """Make the signal the next resume of `tid` delivers the trap the CPU
+    raises after an instruction run with TF set (SIGTRAP, TRAP_TRACE, the
+    address of the next instruction); returns the signal to resume with."""
+    info = ptrace.SigInfo()
+    info.si_signo, info.si_code = signal.SIGTRAP, ptrace.TRAP_TRACE
+    ctypes.memmove(ctypes.addressof(info) + _SI_ADDR_OFFSET, rip.to_bytes(8, "little"), 8)
+    ptrace.setsiginfo(tid, info)
+    return signal.SIGTRAP
+
+
+_SI_ADDR_OFFSET = 16  # siginfo_t: si_signo, si_errno, si_code, padding, then si_addr
 
 
 def _same_process(pid: int, child: int) -> bool:

@@ -73,6 +73,7 @@ FIXTURE_SPECS: dict[str, Fixture] = {
         ("uselib.c",), "uselib", libs=("-L.", "-lemufix"), deps=("lib",), rpath_origin=True
     ),
     "dlopen": Fixture(("dlopen.c",), "dlopen", libs=("-ldl",), deps=("dllib",), rpath_origin=True),
+    "tftrap": Fixture(("tftrap.c",), "tftrap"),
     "dlcycle": Fixture(("dlcycle.c",), "dlcycle", libs=("-ldl",), deps=("dllib",),
                        rpath_origin=True),
     "signals": Fixture(("signals.c",), "signals", libs=("-pthread",)),

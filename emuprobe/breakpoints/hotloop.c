@@ -40,6 +40,7 @@
 #define SITE_SLOTS 8192
 #define MAX_RANGES 64
 #define AC_FLAG 0x40000UL
+#define TF_FLAG 0x100UL /* the program single-steps itself: Python delivers its trap */
 #define SI_KERNEL_CODE 0x80
 
 struct hot_site {
@@ -262,7 +263,7 @@ static int handle(pid_t tid, uint64_t *counters)
     if (ptrace(PTRACE_GETREGS, tid, 0, &r) < 0)
         return -1;
     struct hot_site *s = find_site(aspace, r.rip - 1, 0);
-    if (s == NULL || (r.eflags & AC_FLAG))
+    if (s == NULL || (r.eflags & (AC_FLAG | TF_FLAG)))
         return -1;
     if (s->len == 1) {
         /* at site+1 a SIGTRAP the program sent itself looks the same */

@@ -43,6 +43,7 @@ def native_step(
     regs: ptrace.UserRegs,
     repeats: bool = False,
     stop_world: bool = True,
+    program_tf: bool = False,
 ) -> StepOutcome:
     """Execute the instruction displaced at `addr` natively; regs.rip must be `addr`.
 
@@ -61,7 +62,7 @@ def native_step(
     try:
         ptrace.setregs(thread.tid, regs)
         restored = aspace.restore_byte(addr)  # False: our 0xcc was replaced meanwhile
-        outcome = single_step(reg, thread, addr, repeats)
+        outcome = single_step(reg, thread, addr, repeats, program_tf)
     finally:
         # An exec inside the step replaced the mm: the old one is gone and the
         # new image must not get a stray int3.
@@ -74,11 +75,14 @@ def native_step(
     return outcome
 
 
-def single_step(reg: Registry, thread: Thread, addr: int, repeats: bool = False) -> StepOutcome:
+def single_step(reg: Registry, thread: Thread, addr: int, repeats: bool = False,
+                program_tf: bool = False) -> StepOutcome:  # fmt: skip
     """Single-step `thread`, whose RIP is `addr`, until the instruction there has run.
 
     Signals that arrive first are held back (see StepOutcome); the thread is
-    left in its step stop for the caller to fix up and resume.
+    left in its step stop for the caller to fix up and resume.  With
+    `program_tf` (the program had set EFLAGS.TF itself) the step's trap is
+    the program's too, and is delivered.
     """
     tid = thread.tid
     held: list[tuple[int, ptrace.SigInfo]] = []
@@ -110,6 +114,8 @@ def single_step(reg: Registry, thread: Thread, addr: int, repeats: bool = False)
         if sig == signal.SIGTRAP and info.si_code in (ptrace.TRAP_TRACE, ptrace.TRAP_BRKPT):
             if repeats and ptrace.getregs(tid).rip == addr:
                 continue  # one more iteration of a rep string instruction
+            if program_tf:  # in the trap's delivery-stop: resuming with it delivers it
+                return StepOutcome(deliver=signal.SIGTRAP, extra=held)
             return _done(held)
         if sig == signal.SIGTRAP or (sig in SYNC_FAULTS and info.si_code > 0):
             # The instruction raised this itself (its own int3, a fault): the

@@ -1,0 +1,26 @@
+"""What the program does to its own execution stays its own: its
+single-step traps (EFLAGS.TF) arrive as they do untraced."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_traced
+from fixturebuild import build, parse_counts, run
+
+
+@pytest.mark.parametrize("hot", ["1", "0"], ids=["compiled-loop", "python"])
+@pytest.mark.parametrize("strategy", ["emulate", "stopworld"])
+def test_programs_own_single_step_traps_are_delivered(tmp_path, monkeypatch, strategy, hot):
+    monkeypatch.setenv("EMUPROBE_HOTLOOP", hot)
+    exe = build("tftrap", "O2-pie")
+    plain = run(exe, "50")
+    assert "traps=" in plain.stdout and "trace=" in plain.stdout
+    t = run_traced(tmp_path, ["tf_emul", "tf_native"], [str(exe), "50"], "--strategy", strategy)
+    assert t.status == 0, t.stderr
+    assert t.stdout == plain.stdout  # same count, si_code and si_addr of every trap
+    calls = parse_counts(plain.stdout)
+    stats = t.stats["probes"]
+    assert {p: s["hits"] for p, s in stats.items()} == calls
+    if strategy == "emulate":
+        assert stats["tf_emul"]["emulated"] == calls["tf_emul"]  # the emulated path delivers too
