@@ -65,3 +65,12 @@ def test_lockstep_needs_a_command() -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 2 and "needs a command" in done.stderr
+
+
+def test_lockstep_across_exec_compares_no_half_finished_execve() -> None:
+    """The step after an exec event only finishes the execve and stops on the
+    new entry point: comparing it showed a false mismatch (rax -ENOSYS)."""
+    rep = Lockstep(["sh", "-c", "exec /bin/true"], every=1).run()
+    assert rep.exit_status == 0
+    assert not rep.mismatched, rep.examples
+    assert sum(rep.compared.values()) > 100_000

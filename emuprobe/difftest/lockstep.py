@@ -157,11 +157,13 @@ class Lockstep:
     def run(self, progress: Callable[[Report], None] | None = None) -> Report:
         rep = self.report
         pending_sig = 0
+        after_event = False
         try:
             while True:
                 check = None
-                if rep.steps % self.every == 0 and pending_sig == 0:
+                if rep.steps % self.every == 0 and pending_sig == 0 and not after_event:
                     check = self._prepare(pt.getregs(self.pid))
+                after_event = False
                 status = self._step(pending_sig, check)
                 pending_sig = 0
                 if progress is not None and rep.steps % 4096 == 0:
@@ -177,6 +179,9 @@ class Lockstep:
                     self.mem.close()
                     self.mem = RecordingMemory(self.pid)
                     self.plans.clear()
+                    # The next step only finishes the execve (rax becomes 0)
+                    # and stops on the entry point: no instruction to compare.
+                    after_event = True
                     continue
                 sig = os.WSTOPSIG(status)
                 if sig == signal.SIGTRAP and check is None:
