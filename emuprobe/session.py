@@ -87,6 +87,7 @@ class Session:
         self._waiting = False
         self._leaving = False  # detaching: traps are rewound, not executed
         self._failed = False  # leaving because something raised: no handler runs
+        self._changed: dict[bytes, Any] = {}  # rewritten instructions' bytes -> plan
         self._warn = warn or (lambda msg: print(f"emuprobe: {msg}", file=sys.stderr))
         self._warned: set[str] = set()
         # Hooks for perfbridge: callbacks when a process is first planted;
@@ -336,11 +337,12 @@ class Session:
         # The program's own single-stepping (EFLAGS.TF): natively the CPU
         # traps after the instruction, so the emulated or stepped one must too.
         program_tf = bool(regs.eflags & TF)
-        if strategy != "emulate" or type(site.plan) is NativeStep:
+        plan, code = self._code_now(thread.process.aspace, site, addr)
+        if strategy != "emulate" or type(plan) is NativeStep:
             thread.at_site = None  # the steps below set rip themselves
-        if strategy == "emulate" and type(site.plan) is not NativeStep:
+        if strategy == "emulate" and type(plan) is not NativeStep:
             done = self.emulator.step(
-                site.plan, site.code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
+                plan, code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
             )
             if isinstance(done, Emulated):
                 ptrace.setregs(thread.tid, regs)
@@ -348,7 +350,7 @@ class Session:
                 trap = _single_step_trap(thread.tid, regs.rip) if program_tf else 0
                 self.reg.resume(thread, trap)
                 self._count(site, emulated=True, followed=followed)
-                if self.hot is not None and followed:
+                if self.hot is not None and followed and code is site.code:
                     self.hot.offer(thread, site, addr, regs)
                 return
         elif strategy == "xol":
@@ -360,13 +362,40 @@ class Session:
         # A rep string op traps after every iteration: step it to completion
         # whatever its plan (a NativeStep plan carries no rep flag).
         thread.at_site = None
-        rep = prepare(site.code).rep
+        rep = prepare(code).rep
         outcome = native_step(
             self.reg, thread, addr, regs, rep, stop_world=strategy != "inplace",
             program_tf=program_tf,
         )
         self._count(site, emulated=False, followed=followed)
         resume_after_step(self.reg, thread, outcome)
+
+    def _code_now(self, aspace: AddressSpace, site: ProbeSite, addr: int) -> tuple[Any, bytes]:
+        """The plan and bytes of the instruction as it is in memory now: the
+        site's, unless the program rewrote the bytes after our int3 (self-
+        modifying or patched code), which are then analysed afresh.  One
+        read per hit; the plan of changed bytes is cached."""
+        n = site.length
+        if n <= 1:
+            return site.plan, site.code
+        try:
+            tail = aspace.memory.read(addr + 1, 15)
+        except OSError:  # near the end of a mapping: the instruction's own bytes
+            try:
+                tail = aspace.memory.read(addr + 1, n - 1)
+            except OSError:
+                return site.plan, site.code  # unreadable: the native step will fault for real
+        if tail[: n - 1] == site.code[1:n]:
+            return site.plan, site.code
+        code = site.code[:1] + tail
+        plan = self._changed.get(code)
+        if plan is None:
+            if len(self._changed) >= 256:  # a program that rewrites without end
+                self._changed.clear()
+            plan = self._changed[code] = analyze(code, addr)
+            self._warn_once(f"the program changed the instruction at {addr:#x} "
+                            f"(probe {site.probes[0].name}): emulating the new bytes")  # fmt: skip
+        return plan, code
 
     def _count(self, site: ProbeSite, emulated: bool, followed: bool) -> None:
         if not followed:

@@ -74,6 +74,7 @@ FIXTURE_SPECS: dict[str, Fixture] = {
     ),
     "dlopen": Fixture(("dlopen.c",), "dlopen", libs=("-ldl",), deps=("dllib",), rpath_origin=True),
     "tftrap": Fixture(("tftrap.c",), "tftrap"),
+    "selfmod": Fixture(("selfmod.c",), "selfmod"),
     "dlcycle": Fixture(("dlcycle.c",), "dlcycle", libs=("-ldl",), deps=("dllib",),
                        rpath_origin=True),
     "signals": Fixture(("signals.c",), "signals", libs=("-pthread",)),

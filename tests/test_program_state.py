@@ -24,3 +24,19 @@ def test_programs_own_single_step_traps_are_delivered(tmp_path, monkeypatch, str
     assert {p: s["hits"] for p, s in stats.items()} == calls
     if strategy == "emulate":
         assert stats["tf_emul"]["emulated"] == calls["tf_emul"]  # the emulated path delivers too
+
+
+@pytest.mark.parametrize("hot", ["1", "0"], ids=["compiled-loop", "python"])
+@pytest.mark.parametrize("mode", ["rwx", "rx"])
+def test_rewritten_instruction_is_emulated_as_it_is_now(tmp_path, monkeypatch, hot, mode):
+    """The program rewrites the probed instruction's immediate before every
+    call, leaving the page writable or making it read-execute again."""
+    monkeypatch.setenv("EMUPROBE_HOTLOOP", hot)
+    exe = build("selfmod", "O2-pie")
+    args = [str(exe), "1000"] + (["rx"] if mode == "rx" else [])
+    plain = run(*args)
+    t = run_traced(tmp_path, ["sm_func"], args)
+    assert t.status == 0, t.stderr
+    assert t.stdout == plain.stdout
+    assert t.stats["probes"]["sm_func"]["hits"] == 1000
+    assert t.stderr.count("changed the instruction") == 1  # said once

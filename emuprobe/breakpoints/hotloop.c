@@ -53,7 +53,7 @@ struct hot_site {
     int64_t disp;      /* load/store: address = base + disp */
     uint16_t base;     /* load/store: offset into user_regs_struct, or BASE_RIP (the next insn) */
     uint8_t size;      /* load/store: 4 or 8 bytes */
-    uint8_t code[16];  /* sse, unicorn: the instruction */
+    uint8_t code[16];  /* the instruction as the site was made for it */
     const struct mplan *plan; /* unicorn: the flattened plan (owned by cmachine.py) */
     struct memctx *mem;       /* unicorn: the address space (owned by cmachine.py) */
 };
@@ -253,6 +253,22 @@ static int vm_copy(pid_t tid, uint64_t addr, void *buf, unsigned size, int write
 
 #define REG(r, off) (*(unsigned long long *)((char *)(r) + (off)))
 
+/* Whether the bytes after our int3 are still the instruction the site was
+ * made for.  A program that rewrote them (self-modifying or patched code)
+ * is handed to Python, which analyses the new bytes.  One read per hit of
+ * an instruction longer than its int3. */
+static int code_unchanged(pid_t tid, const struct hot_site *s)
+{
+    if (s->len <= 1)
+        return 1;
+    uint8_t now[16];
+    size_t n = (size_t)s->len - 1;
+    struct iovec local = {now, n}, remote = {(void *)(uintptr_t)(s->addr + 1), n};
+    if (process_vm_readv(tid, &local, 1, &remote, 1, 0) != (ssize_t)n)
+        return 0;
+    return memcmp(now, s->code + 1, n) == 0;
+}
+
 /* 0 if the hit was handled (the thread is running again), -1 to hand it to Python. */
 static int handle(pid_t tid, uint64_t *counters)
 {
@@ -271,6 +287,8 @@ static int handle(pid_t tid, uint64_t *counters)
         if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) < 0 || si.si_code != SI_KERNEL_CODE)
             return -1;
     }
+    if (!code_unchanged(tid, s))
+        return -1;
     uint64_t next = s->addr + s->len;
     switch (s->op) {
     case HOT_NOP:

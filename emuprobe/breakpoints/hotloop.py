@@ -122,7 +122,7 @@ class HotLoop:
         disp = plan.imm if plan.base else 0
         self._lib.hot_add_site(
             aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size,
-            plan.code,
+            site.code,
         )
 
     def use_machine(self, machine: object) -> None:
