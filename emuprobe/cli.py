@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _trace(args: argparse.Namespace, command: list[str]) -> int:
     from .api import Tracer
-    from .output import LinePrinter, count_table, stats_json
+    from .output import LinePrinter, count_table, open_output, stats_json
     from .perfbridge import frontend
 
     if args.pid is not None and command:
@@ -162,12 +162,9 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
         if args.pid is not None
         else Tracer.spawn(command, follow=not args.no_follow, strategy=args.strategy)
     )
-    out: TextIO = sys.stdout
-    if args.output:
-        try:
-            out = open(args.output, "w")  # noqa: SIM115 - closed below
-        except OSError as e:
-            raise ProbeError(f"cannot write {args.output}: {e.strerror}") from e
+    # outputs are opened before the tracee is touched: a bad path leaves it as it was
+    out: TextIO = open_output(args.output) if args.output else sys.stdout
+    stats_file = open_output(args.stats_json) if args.stats_json else None
     front = None
     if frontend.wanted(args):
         front = frontend.TraceFrontend(args, out, frontend.parse_specs(args))
@@ -193,12 +190,12 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
                   file=sys.stderr)
     if args.output:
         out.close()
-    if args.stats_json:
-        try:
-            with open(args.stats_json, "w") as f:
-                f.write(stats_json(tracer.probes, status) + "\n")
-        except OSError as e:
-            raise ProbeError(f"cannot write {args.stats_json}: {e.strerror}") from e
+    if stats_file is not None:
+        with stats_file:
+            try:
+                stats_file.write(stats_json(tracer.probes, status) + "\n")
+            except OSError as e:
+                raise ProbeError(f"cannot write {args.stats_json}: {e.strerror}") from e
     return status
 
 

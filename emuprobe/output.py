@@ -3,10 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from typing import TextIO
 
 from .breakpoints.sites import Probe
+from .errors import ProbeError
 from .events import ProbeEvent
+
+
+def open_output(path: str) -> TextIO:
+    """`path` opened for writing, with the rule of fs.protected_symlinks
+    applied whatever the sysctl says: in a sticky world-writable directory
+    (/tmp), a symlink is followed only if we or the directory's owner own
+    it, so another user's planted link cannot make us truncate its target."""
+    parent = os.path.dirname(os.path.abspath(path))
+    try:
+        d = os.stat(parent)
+        if d.st_mode & stat.S_ISVTX and d.st_mode & stat.S_IWOTH:
+            link = os.lstat(path)
+            if stat.S_ISLNK(link.st_mode) and link.st_uid not in (os.geteuid(), d.st_uid):
+                raise ProbeError(f"{path}: a symlink owned by another user in a sticky "
+                                 "world-writable directory: not followed")  # fmt: skip
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise ProbeError(f"cannot write {path}: {e.strerror}") from e
+    try:
+        return open(path, "w")  # noqa: SIM115 - the caller closes it
+    except OSError as e:
+        raise ProbeError(f"cannot write {path}: {e.strerror}") from e
 
 
 def perf_header(comm: str, pid: int, tid: int, timestamp_ns: int, pad: bool = True) -> str:

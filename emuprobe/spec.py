@@ -53,6 +53,8 @@ def parse_probe(text: str) -> ProbeSpec:
     """Parse one PROBE argument into a ProbeSpec (pure: resolves nothing)."""
     if not text or text.strip() != text:
         raise spec_error(text, 0, "empty probe or surrounding spaces")
+    if "\0" in text:
+        raise spec_error(text.replace("\0", "?"), text.index("\0"), "NUL byte")
     location, _, args_text = text.partition(" ")
     retprobe = location.endswith(RETURN_SUFFIX)
     spec = _parse_location(text, location.removesuffix(RETURN_SUFFIX))

@@ -137,6 +137,7 @@ class ElfImage:
                 raise ProbeError(f"{path}: not an x86-64 ELF file ({machine})")
             if e_type not in ("ET_EXEC", "ET_DYN"):
                 raise ProbeError(f"{path}: not an executable or shared object ({e_type})")
+            _check_extent(path, elf, os.fstat(stream.fileno()).st_size)
             return cls(path, stream, elf)
         except BaseException:
             stream.close()
@@ -381,6 +382,24 @@ class ElfImage:
         file_offset = self.vaddr_to_offset(vaddr)
         self._check_from(target, vaddr, label)
         return Resolved(vaddr, file_offset, label, target)
+
+
+def _check_extent(path: str, elf: ELFFile, size: int) -> None:
+    """A truncated file is refused here, in one line, rather than failing
+    later in whatever read first goes past its end."""
+    h = elf.header
+    tables = ((h.e_phoff, h.e_phnum * h.e_phentsize), (h.e_shoff, h.e_shnum * h.e_shentsize))
+    for off, length in tables:
+        if off + length > size:
+            need = off + length
+            raise ProbeError(f"{path}: truncated ELF file ({size} bytes, headers need {need})")
+    try:
+        for sec in elf.iter_sections():
+            if sec["sh_type"] != "SHT_NOBITS" and sec["sh_offset"] + sec["sh_size"] > size:
+                raise ProbeError(f"{path}: truncated ELF file ({size} bytes, section "
+                                 f"{sec.name or '?'} ends at {sec['sh_offset'] + sec['sh_size']})")
+    except (ELFError, ValueError, OSError) as e:
+        raise ProbeError(f"{path}: corrupt ELF file ({e})") from None
 
 
 def _rank(s: Symbol) -> tuple[bool, int, bool, int, str]:

@@ -7,8 +7,9 @@ import os
 import re
 import subprocess
 
-# Where ldconfig lives when /sbin is not on PATH (it often is not for users).
-_LDCONFIG = ("ldconfig", "/sbin/ldconfig", "/usr/sbin/ldconfig")
+# ldconfig by absolute path only: as root, a name looked up on PATH would run
+# whatever a writable directory early on PATH holds.
+_LDCONFIG = ("/sbin/ldconfig", "/usr/sbin/ldconfig")
 _LIB_DIRS = (
     "/lib/x86_64-linux-gnu",
     "/usr/lib/x86_64-linux-gnu",

@@ -99,6 +99,25 @@ def check_attachable(pid: int) -> None:
         os.close(os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC))
     except PermissionError as e:
         raise ProbeError(f"PID {pid}: not permitted to trace it ({e.strerror})") from e
+    except OSError as e:  # a kernel thread has no user memory at all
+        if _is_kernel_thread(pid):
+            raise ProbeError(f"PID {pid} is a kernel thread: it runs no user code") from e
+        raise ProbeError(f"PID {pid}: cannot open its memory ({e.strerror})") from e
+    if _is_kernel_thread(pid):
+        raise ProbeError(f"PID {pid} is a kernel thread: it runs no user code")
+
+
+_PF_KTHREAD = 0x00200000
+
+
+def _is_kernel_thread(pid: int) -> bool:
+    """PF_KTHREAD in the flags of /proc/PID/stat (field 9)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return bool(int(stat.rsplit(")", 1)[1].split()[6]) & _PF_KTHREAD)
 
 
 def seize_error(pid: int, err: OSError) -> ProbeError:

@@ -163,7 +163,7 @@ def _parse_body(text: str, body: str, col: int, retprobe: bool, depth: int) -> F
         num = body[2:] if rel else body[1:]
         if not _INT.match(num) or num[0] in "+-":
             raise spec_error(text, col + 1, f"'{num}' is not an address (symbols need perf probe)")
-        return Addr(int(num, 0), rel)
+        return Addr(_in_range(text, col + 1, num, 0, _U64_MAX, "address"), rel)
     if c == "$":
         return _parse_var(text, body, col, retprobe)
     if c == "\\":
@@ -177,6 +177,18 @@ def _parse_body(text: str, body: str, col: int, retprobe: bool, depth: int) -> F
     raise spec_error(text, col, f"'{body}' is not a fetch argument")
 
 
+_U64_MAX, _S64_MIN, _S64_MAX = (1 << 64) - 1, -(1 << 63), (1 << 63) - 1
+_MAX_STACK_INDEX = 4096 // 8 - 1
+
+
+def _in_range(text: str, col: int, number: str, lo: int, hi: int, what: str) -> int:
+    """`number` parsed, refused (as the kernel refuses it) outside [lo, hi]."""
+    value = int(number, 0)
+    if not lo <= value <= hi:
+        raise spec_error(text, col, f"{what} {number} out of range ({lo:#x}..{hi:#x})")
+    return value
+
+
 def _parse_var(text: str, body: str, col: int, retprobe: bool) -> Fetch:
     if body == "$retval":
         if not retprobe:
@@ -187,7 +199,8 @@ def _parse_var(text: str, body: str, col: int, retprobe: bool) -> Fetch:
     if body == "$stack":
         return Stack(None)
     if body.startswith("$stack") and body[6:].isdigit():
-        return Stack(int(body[6:]))
+        # the kernel's PARAM_MAX_STACK: the entries of one page of stack
+        return Stack(_in_range(text, col, body[6:], 0, _MAX_STACK_INDEX, "$stack index"))
     raise spec_error(text, col, f"unknown variable '{body}' ($stackN, $stack, $retval, $comm)")
 
 
@@ -199,7 +212,7 @@ def _parse_imm(text: str, body: str, col: int) -> Fetch:
         return Imm(value[1:-1])
     if not _INT.match(value):
         raise spec_error(text, col + 1, f"immediate '{value}' is not a number")
-    return Imm(int(value, 0))
+    return Imm(_in_range(text, col + 1, value, _S64_MIN, _U64_MAX, "immediate"))
 
 
 def _parse_deref(text: str, body: str, col: int, retprobe: bool, depth: int) -> Fetch:
@@ -213,7 +226,7 @@ def _parse_deref(text: str, body: str, col: int, retprobe: bool, depth: int) -> 
         offs = offs[1:]
     if not _INT.match(offs) or offs[0] in "+-":
         raise spec_error(text, col + 1, f"offset '{offs}' is not a number")
-    offset = int(offs, 0) * (-1 if body[0] == "-" else 1)
+    offset = _in_range(text, col, body[0] + offs, _S64_MIN, _S64_MAX, "offset")
     inner = body[paren + 1 : -1]
     if not inner:
         raise spec_error(text, col + paren + 1, "missing fetch argument inside ()")

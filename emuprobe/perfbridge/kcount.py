@@ -13,7 +13,7 @@ Unavailable (not root, no tracefs, no perf): `unavailable()` says why.
 
 from __future__ import annotations
 
-import shutil
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -35,9 +35,15 @@ def unavailable() -> str:
     ok, why = kernel.available()
     if not ok:
         return why
-    if shutil.which("perf") is None:
+    if perf_path() is None:
         return "perf is not installed"
     return ""
+
+
+def perf_path() -> str | None:
+    """perf by absolute path: as root, never whatever PATH finds first."""
+    return next((p for p in ("/usr/bin/perf", "/usr/sbin/perf", "/usr/local/bin/perf")
+                 if os.path.exists(p)), None)  # fmt: skip
 
 
 class KernelCount:
@@ -69,7 +75,7 @@ class KernelCount:
 
     def argv(self, argv: list[str]) -> list[str]:
         """The perf stat command line that counts our events in `argv` alone."""
-        cmd = ["perf", "stat", "-x", ",", "--no-big-num"]
+        cmd = [perf_path() or "/usr/bin/perf", "stat", "-x", ",", "--no-big-num"]
         for e in self._events:
             cmd += ["-e", e]
         return [*cmd, "--", *argv]

@@ -48,8 +48,11 @@ def tracefs_dir() -> str:
     if not os.path.isdir(target):
         raise KernelUprobesUnavailable(f"{target} does not exist (no tracefs in this kernel?)")
     if not _is_mountpoint_with_content(target):
-        proc = subprocess.run(
-            ["mount", "-t", "tracefs", "nodev", target], capture_output=True, text=True
+        mount = next((p for p in ("/usr/bin/mount", "/bin/mount") if os.path.exists(p)), None)
+        if mount is None:
+            raise KernelUprobesUnavailable("no /usr/bin/mount to mount tracefs with")
+        proc = subprocess.run(  # by absolute path: as root, never whatever PATH finds first
+            [mount, "-t", "tracefs", "nodev", target], capture_output=True, text=True
         )
         if proc.returncode != 0:
             raise KernelUprobesUnavailable(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 
+from ..errors import ProbeError
 from ..spec import RETURN_SUFFIX, ProbeSpec, spec_error
 from .fetchargs import parse_fetchargs
 
@@ -119,13 +120,27 @@ def parse_uprobe_event(text: str) -> ProbeSpec:
     )
 
 
-def read_events_file(path: str) -> list[ProbeSpec]:
-    """Every definition in a file of uprobe_events lines ('#' comments, blank lines skipped)."""
-    try:
-        with open(path) as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        from ..errors import ProbeError
+EVENTS_FILE_LIMIT = 4 << 20  # bytes: far more than any real uprobe_events file
 
+
+def read_events_file(path: str) -> list[ProbeSpec]:
+    """Every definition in a file of uprobe_events lines ('#' comments, blank
+    lines skipped).  Read with a size limit (`--events /dev/zero` must not
+    eat memory); it must be UTF-8 text without NUL bytes."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(EVENTS_FILE_LIMIT + 1)
+    except OSError as e:
         raise ProbeError(f"cannot read {path}: {e.strerror}") from e
+    if len(raw) > EVENTS_FILE_LIMIT:
+        raise ProbeError(f"{path}: larger than {EVENTS_FILE_LIMIT >> 20} MiB: not an events file")
+    if b"\0" in raw:
+        line = raw[: raw.index(b"\0")].count(b"\n") + 1
+        raise ProbeError(f"{path}: line {line}: NUL byte (a binary file?)")
+    try:
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        line, byte = raw[: e.start].count(b"\n") + 1, raw[e.start]
+        raise ProbeError(f"{path}: line {line}: not UTF-8 text (byte {byte:#04x})") from None
+    lines = text.splitlines()
     return [parse_uprobe_event(ln.strip()) for ln in lines if ln.strip() and not ln.startswith("#")]
