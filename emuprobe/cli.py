@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     ls.add_argument("binary")
     ls.add_argument("glob", nargs="?", default="*")
+    rp = sub.add_parser(
+        "repair",
+        help="restore the int3s a killed emuprobe left in a process",
+        description="If emuprobe was killed with SIGKILL while attached, the process keeps "
+        "its int3s and dies of SIGTRAP at its next hit.  This restores, from the files, every "
+        "0xcc in its executable file mappings that the file does not have (kernel uprobes "
+        "excepted).",
+    )
+    rp.add_argument("-p", "--pid", type=int, required=True, help="the process to repair")
     # listed for --help only: main() hands `bench ...` to the suite before parsing
     sub.add_parser(
         "bench", help="run the benchmark suite (from a source checkout; = python -m benchmarks)"
@@ -126,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "list":
             return _list(args.binary, args.glob)
+        if args.command == "repair":
+            from .breakpoints.repair import describe, repair
+
+            print(describe(repair(args.pid), args.pid))
+            return 0
         if args.command == "difftest":
             from .difftest.cli import main as difftest
 

@@ -538,7 +538,10 @@ class Session:
         for thread in list(self.reg.threads.values()):
             self._rewind(thread)  # one a failure left on its int3
         for proc in list(self.reg.processes.values()):
-            proc.aspace.unplant_all()
+            for addr, site in proc.aspace.unplant_all():
+                name = site.probes[0].name if site.probes else "?"
+                self._warn_once(f"the program overwrote the int3 at {addr:#x} (probe {name}): "
+                                "hits after that were not seen")  # fmt: skip
         for tid, thread in list(self.reg.threads.items()):
             try:
                 ptrace.detach(tid, owed.get(tid, 0))

@@ -6,6 +6,7 @@ against the file, its TracerPid."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 
 import pytest
@@ -58,3 +59,26 @@ def test_handler_base_exception_leaves_the_tracee_exact(capfd, exc):
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert capfd.readouterr().out == plain
     assert len(seen) == 10
+
+
+def test_repair_after_emuprobe_was_killed(procs):
+    """SIGKILL leaves the int3s in an attached process; `emuprobe repair`
+    restores them from the file, and the process then runs on unharmed."""
+    exe, target = start_loop(procs, "O0-pie")
+    os.kill(target.pid, signal.SIGSTOP)  # no hit may come while nobody owns the int3
+    tracer = procs.start([*EMUPROBE, "trace", "--count", "-p", str(target.pid), "loop_func"])
+    assert wait_for(lambda: tracer_pid(target.pid) == tracer.pid)
+    assert wait_for(lambda: not text_matches_file(target.pid, exe, ["loop_func"]))  # planted
+    tracer.kill()
+    tracer.wait(timeout=30)
+    assert wait_for(lambda: tracer_pid(target.pid) == 0)
+    done = subprocess.run([*EMUPROBE, "repair", "-p", str(target.pid)], capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "restored 1 byte" in done.stdout and "loop" in done.stdout
+    assert text_matches_file(target.pid, exe, ["loop_func", "main"])
+    os.kill(target.pid, signal.SIGCONT)
+    assert "checksum_ok=1" in finish_loop(target)
+    again = subprocess.run([*EMUPROBE, "repair", "-p", str(procs.start(["sleep", "30"]).pid)],
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0 and "no stray int3" in again.stdout

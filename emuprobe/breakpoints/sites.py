@@ -122,18 +122,23 @@ class AddressSpace:
         self.memory.write(addr, site.code[:1])
         return True
 
-    def unplant_all(self) -> None:
+    def unplant_all(self) -> list[tuple[int, ProbeSite]]:
+        """Unplant every site; the ones where the file was still mapped but
+        our 0xcc was gone (the program wrote over it)."""
         try:
             self.memory.refresh()  # one fresh look at the maps for every check below
         except OSError:
             self.planted.clear()  # the mm is gone: nothing left to restore
             self.memory.planted.clear()
-            return
-        for addr in list(self.planted):
+            return []
+        overwritten = []
+        for addr, site in list(self.planted.items()):
             try:
-                self.unplant(addr)
+                if not self.unplant(addr) and self._maps_hold(addr, site):
+                    overwritten.append((addr, site))
             except OSError:
                 pass  # the mm is gone: nothing left to restore
+        return overwritten
 
     def restore_byte(self, addr: int) -> bool:
         """Put the original byte back without forgetting the site (native
