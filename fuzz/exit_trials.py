@@ -119,7 +119,7 @@ def trial(exe: Path, expect: dict[str, tuple[int, bytes]], rng: random.Random,
         if not wait_until(lambda: tracer_pid(target.pid) == 0):
             return "still traced"
         if target.poll() is not None:
-            return f"target died ({target.returncode})"
+            return f"target died ({target.returncode}); emuprobe said: {err.strip()[-300:]!r}"
         if not text_ok(target.pid, exe, expect):
             return "text differs from the file"
         target.send_signal(signal.SIGKILL)  # the self-checks need the end: run a short one instead
