@@ -25,7 +25,7 @@ from .breakpoints.sites import AddressSpace, Probe, ProbeSite, SiteTable
 from .breakpoints.stepping import native_step, resume_after_step
 from .breakpoints.strategies import DEFAULT, Strategy
 from .breakpoints.targets import ImageCache, Target
-from .breakpoints.tracee import Process, Thread
+from .breakpoints.tracee import Process, Thread, trap_pending
 from .breakpoints.xol import Xol
 from .breakpoints.xolinsn import prepare
 from .emulator.decode import NativeStep, analyze
@@ -230,7 +230,7 @@ class Session:
         try:
             if self.stop_signal:
                 raise _Interrupted()
-            got = self.reg.reap() if self.hot is None else self.reg.reap_hot()
+            got = self.reg.next_event()
         finally:
             self._waiting = False
         return got
@@ -535,6 +535,7 @@ class Session:
             self.reg.stop_threads(running)
             while self.reg.pending:
                 self._dispatch(*self.reg.pending.popleft())
+            self._take_queued_traps(owed)
         for thread in list(self.reg.threads.values()):
             self._rewind(thread)  # one a failure left on its int3
         for proc in list(self.reg.processes.values()):
@@ -551,6 +552,28 @@ class Session:
         for proc in list(self.reg.processes.values()):
             self.reg.remove_process(proc)
         self.reg.hold = None
+
+    def _take_queued_traps(self, owed: dict[int, int]) -> None:
+        """Have each interrupted thread with an int3's SIGTRAP still queued report it.
+
+        Resumed, such a thread takes the queued signal before any user code
+        runs and stops again; the trap is then handled like any other on the
+        way out (rewound if it was ours, owed to the program if it was not).
+        A thread already stopped for another signal is left alone: an int3's
+        SIGTRAP is taken before any other signal, so a later one is the
+        program's own and is delivered after detach, as it would be untraced.
+        """
+        for thread in list(self.reg.threads.values()):
+            if not thread.stopped or owed.get(thread.tid, 0) or not trap_pending(thread.tid):
+                continue
+            try:
+                ptrace.cont(thread.tid, 0)
+            except ProcessLookupError:
+                continue
+            thread.stopped = False
+            got = self.reg.reap(thread.tid)
+            if got is not None:
+                self._dispatch(*got)
 
     def _rewind(self, thread: Thread) -> None:
         """Put a thread trapped on our int3 back on the instruction."""

@@ -98,13 +98,24 @@ class Registry:
         self.note(got, status)
         return got, status
 
-    def reap_hot(self) -> Status | None:
-        """reap() through the compiled hot loop, which handles the hits it can itself."""
-        assert self.hot is not None
-        got = self.hot.wait()
-        if got is not None:
-            self.note(*got)
-        return got
+    def next_event(self) -> Status | None:
+        """The event loop's next status (through the compiled hot loop, which
+        handles the hits it can itself, if there is one); None: no tracees left.
+
+        Unlike reap() it books nothing: the loop marks the thread stopped when
+        it handles the status.  A SIGINT that interrupts the loop between the
+        kernel's reply and that moment loses the status, and must leave the
+        thread marked running: stop_threads() then finds it stopped with
+        nothing to reap and rebuilds the status from its siginfo (_recover).
+        Booked as stopped, it would be detached unhandled, one byte into an
+        instruction if it sat on our int3.
+        """
+        if self.hot is not None:
+            return self.hot.wait()
+        try:
+            return ptrace.waitpid(-1, 0)
+        except ChildProcessError:
+            return None
 
     def note(self, tid: int, status: int) -> None:
         """Book a reaped status: a stopped thread stays stopped until resumed."""

@@ -68,6 +68,30 @@ def _status_field(tid: int, field: str) -> int | None:
     return None
 
 
+def _status_mask(tid: int, field: str) -> int:
+    """A hexadecimal signal mask of /proc/TID/status (0 if the task is gone)."""
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+def trap_pending(tid: int) -> bool:
+    """Whether `tid` has a SIGTRAP queued for it alone that it will take next.
+
+    An int3 queues its SIGTRAP (unblocked) before the thread gets back to
+    user mode, but a PTRACE_INTERRUPT that lands in between is reported
+    first: the thread then sits in an interrupt stop with the SIGTRAP still
+    queued, and a detach would let it be delivered, which kills the program.
+    """
+    bit = 1 << (signal.SIGTRAP - 1)
+    return bool(_status_mask(tid, "SigPnd:") & bit) and not _status_mask(tid, "SigBlk:") & bit
+
+
 def tgid_of(tid: int) -> int | None:
     return _status_field(tid, "Tgid:")
 
