@@ -107,15 +107,25 @@ def test_vma_added_only_by_xol(tmp_path):
 
 def test_inplace_loses_events_where_others_do_not(tmp_path):
     """8 threads calling work(): without stopping the others, threads run
-    through the restored byte unseen.  The program still computes the same."""
+    through the restored byte unseen.  The other strategies see every call,
+    and the program computes the same under them.
+
+    Under inplace the program's result is not asserted: two full `make test`
+    runs on an AMD EPYC ended with a wrong counter (not reproduced in 140
+    direct runs on an Intel Xeon; cause not pinned down).  The suspect is the
+    design itself: other threads run code that another CPU rewrites under
+    them, cross-modifying code, for which the SDM asks a serializing
+    instruction of the executing CPU.  It is why inplace is never a default."""
     exe = build("threads", "O2-pie")
     m = 4000
     expected = 8 * m
     observed = {}
     for strategy in ["emulate", *COMPARED]:
         t = run_traced(tmp_path, ["work"], [str(exe), str(m)], "--strategy", strategy)
-        assert t.status == 0, t.stderr
-        assert f"counter={expected}" in t.stdout and parse_counts(t.stdout)["work"] == expected
+        assert t.status == 0 or strategy == "inplace", t.stderr
+        if strategy != "inplace":
+            assert f"counter={expected}" in t.stdout
+            assert parse_counts(t.stdout)["work"] == expected
         observed[strategy] = hits(t)["work"]
     assert observed["emulate"] == observed["xol"] == observed["stopworld"] == expected
     assert observed["inplace"] < expected

@@ -20,7 +20,8 @@ HELP: dict[Strategy, str] = {
     "xol": "execute it out of line in a page injected with mmap (the kernel uprobes"
     " design: one more VMA, a second trap per hit)",
     "inplace": "UNSAFE, for demonstration: restore the byte and single-step without"
-    " stopping the other threads, which then run through the site unseen",
+    " stopping the other threads, which then run through the site unseen (and run code"
+    " being rewritten under them: a wrong result has been seen)",
     "stopworld": "the native fallback for every hit: stop all threads, restore the byte,"
     " single-step, re-plant, resume",
 }
