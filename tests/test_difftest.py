@@ -181,9 +181,12 @@ def test_trust_holds_only_on_a_matching_cpu(
     t.add_proof("and r64,r64", this_cpu(), 40, None)  # masking not recorded
     t.add_proof("or r64,r64", this_cpu(), 40, 0)
     t.disprove("or r64,r64", OTHER_VENDOR, "rax: cpu 0x1 engine 0x2")  # counts everywhere
+    t.add_proof("test r64,r64", SAME_FAMILY, 40, None)  # an old proof, masking not recorded,
+    t.add_proof("test r64,r64", this_cpu(), 40, 0)  # and a newer one that recorded it
     _table_file(tmp_path, t, monkeypatch)
     try:
         assert isinstance(analyze(bytes.fromhex("4801d8"), SITE), UnicornStep)  # add rax, rbx
+        assert isinstance(analyze(bytes.fromhex("4885c0"), SITE), UnicornStep)  # test rax, rax
         reasons = {h: analyze(bytes.fromhex(h), SITE) for h in
                    ("4829d8", "4811d8", "480fafc3", "4821d8", "4809d8", "4831d8")}  # fmt: skip
         assert all(isinstance(p, NativeStep) for p in reasons.values())

@@ -153,6 +153,7 @@ def _prove(args: argparse.Namespace) -> int:
 
     start = time.monotonic()
     path = Path(args.trust_file) if args.trust_file else trust.local_path()
+    existing = _load_table(path)  # a bad file stops us before minutes of work, not after
     corpus, prologues = prologue_corpus(load_corpus())
     sel = select_classes(corpus, trust.table())
     cpu = this_cpu()
@@ -164,7 +165,7 @@ def _prove(args: argparse.Namespace) -> int:
     finally:
         bar.finish()
     meta = {"prove": {"classes": len(sel.todo), "cases": out.cases, "jobs": args.jobs}}
-    new = update_trust(out.stats, _load_table(path), args.min_cases, meta)
+    new = update_trust(out.stats, existing, args.min_cases, meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(new.dump())
     trust.clear_caches()

@@ -130,10 +130,14 @@ class TrustTable:
             return f"untrusted on this CPU: {proven} proofs, {self.min_cases} needed"
         if masked_ok:
             return None
-        for cpu_key, p in sorted(here.items()):
-            if p.masked is None:
-                return (f"proven on {cpu_key} only with undefined results masked, and not "
-                        f"recorded whether they differ; prove this CPU: {PROVE_HINT}")  # fmt: skip
+        # A proof that recorded whether undefined results differ outweighs an
+        # older one (a table made before masking was recorded) that did not.
+        recorded = {k: p for k, p in here.items() if p.masked is not None}
+        if not recorded:
+            cpu_key = min(here)
+            return (f"proven on {cpu_key} only with undefined results masked, and not "
+                    f"recorded whether they differ; prove this CPU: {PROVE_HINT}")  # fmt: skip
+        for cpu_key, p in sorted(recorded.items()):
             if p.masked:
                 return (f"undefined results differ on this CPU: {p.masked} of {p.proven} "
                         f"cases on {cpu_key} equal only after masking ({ENV_MASKED}=1 "
