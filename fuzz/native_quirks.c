@@ -12,7 +12,10 @@
  *     Unicorn clears it);
  *   - SF/ZF/AF/PF after imul (undefined: AMD leaves them as they were,
  *     Unicorn computes them from the result);
- *   - the result of a 16-bit shld with a count of 17-31 (undefined).
+ *   - the result of a 16-bit shld with a count of 17-31 (undefined);
+ *   - RDI after `rep movsb` with a 67 (32-bit address) prefix and RCX=0:
+ *     whether the upper half of RDI is cleared although nothing is copied
+ *     (the Intel Xeon 6/167 here clears it, Unicorn leaves it).
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -57,6 +60,13 @@ static uint16_t shld16(uint16_t dst, uint16_t src, uint8_t count) {
     return dst;
 }
 
+static uint64_t rep_movsb_a32_rdi(uint64_t rdi) {
+    /* rcx=0: no byte is copied, so rsi/rdi need not point anywhere */
+    __asm__ volatile("xor %%ecx, %%ecx; mov %%rdi, %%rsi; .byte 0xf3, 0x67, 0xa4"
+                     : "+D"(rdi) : : "rcx", "rsi", "memory");
+    return rdi;
+}
+
 int main(void) {
     const char *forms[] = {"loopne", "f3 loopne", "f2 loopne", "loope", "f3 loope", "f2 loope"};
     printf("cpu: see /proc/cpuinfo (vendor_id, cpu family, model)\n");
@@ -72,5 +82,7 @@ int main(void) {
     for (int c = 16; c <= 20; c++)
         printf(" cl=%d %#06x", c, shld16(0x1234, 0xabcd, (uint8_t)c));
     printf("\n");
+    printf("rep movsb with a 67 prefix, rcx=0, rdi=0x200010000: rdi after %#llx\n",
+           (unsigned long long)rep_movsb_a32_rdi(0x200010000ULL));
     return 0;
 }
