@@ -24,6 +24,6 @@ class OptionalBuildExt(build_ext):
 
 
 setup(
-    cffi_modules=["emuprobe/breakpoints/hotloop_build.py:ffibuilder"],
+    cffi_modules=["emuprobe/engine/hotloop_build.py:ffibuilder"],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -41,7 +41,7 @@ from .tools import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
-TRUST_ENV = "EMUPROBE_TRUST_FILE"  # emuprobe/emulator/trust.py reads it
+TRUST_ENV = "EMUPROBE_TRUST_FILE"  # emuprobe/x86/trust.py reads it
 SECTIONS = ("perhit", "lost_events", "vma", "map_fixed", "workload", "attach")
 
 
@@ -171,10 +171,10 @@ def _loadavg() -> str:
 
 def _engine() -> dict[str, Any]:
     """What the emulate strategy could use in this run."""
-    from emuprobe.breakpoints.hotloop import HotLoop
+    from emuprobe.engine.hotloop import HotLoop
 
     try:
-        from emuprobe.emulator import trust
+        from emuprobe.x86 import trust
 
         classes = len(trust.table().classes)
     except ImportError:

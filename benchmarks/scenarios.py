@@ -166,8 +166,8 @@ def real_workload(runs: int, kernel_why: str) -> dict[str, Any]:
                   "us_per_hit": (cpu - base_cpu - startup) / hits * 1e6 if hits else None,
                   "rss_mb": max((r["rss_mb"] or 0) for r in rs)}
     if not kernel_why:
-        from emuprobe.breakpoints.elfimage import ElfImage
-        from emuprobe.breakpoints.libraries import find_library_on_disk
+        from emuprobe.sys.elfimage import ElfImage
+        from emuprobe.sys.libraries import find_library_on_disk
 
         libc = find_library_on_disk("libc") or "libc.so.6"
         off = ElfImage.open(libc).resolve("malloc").file_offset
@@ -205,9 +205,9 @@ def _median(xs: Any) -> float:
 def attach_many(count: int) -> dict[str, Any]:
     """Wall time to resolve and plant `count` probes (libc functions) and leave
     again, over planting one: `emuprobe trace --count F1..Fn -- /bin/true`."""
-    from emuprobe.breakpoints.elfimage import ElfImage
-    from emuprobe.breakpoints.libraries import find_library_on_disk
     from emuprobe.errors import ProbeError
+    from emuprobe.sys.elfimage import ElfImage
+    from emuprobe.sys.libraries import find_library_on_disk
 
     libc = find_library_on_disk("libc") or "libc.so.6"
     image = ElfImage.open(libc)

@@ -9,7 +9,7 @@ def run() -> int:
     """The command's entry point: a Ctrl-C while Python is still importing
     emuprobe (nothing started yet) exits 130 without a traceback."""
     try:
-        from .cli import main
+        from emuprobe.cli import main
     except KeyboardInterrupt:
         return 130
     return main()

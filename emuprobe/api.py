@@ -13,25 +13,25 @@ import signal
 import time
 from collections.abc import Callable
 
-from .breakpoints import ptrace
-from .breakpoints.maps import read_maps
-from .breakpoints.memory import ProcessMemory
-from .breakpoints.sites import AddressSpace, Probe
-from .breakpoints.strategies import DEFAULT, NAMES, Strategy
-from .breakpoints.targets import check_targets
-from .breakpoints.tracee import (
+from emuprobe.engine.events import ProbeEvent
+from emuprobe.engine.session import Session
+from emuprobe.engine.sites import AddressSpace, Probe
+from emuprobe.engine.strategies import DEFAULT, NAMES, Strategy
+from emuprobe.engine.targets import check_targets
+from emuprobe.engine.tracee import Process
+from emuprobe.errors import ProbeError
+from emuprobe.platform import require_supported
+from emuprobe.spec.probe import ProbeSpec, parse_probe
+from emuprobe.sys import ptrace
+from emuprobe.sys.maps import read_maps
+from emuprobe.sys.memory import ProcessMemory
+from emuprobe.sys.tasks import (
     TRACE_OPTIONS,
-    Process,
     check_attachable,
     list_threads,
     seize_error,
     spawn_seized,
 )
-from .errors import ProbeError
-from .events import ProbeEvent
-from .platform import require_supported
-from .session import Session
-from .spec import ProbeSpec, parse_probe
 
 Handler = Callable[[ProbeEvent], None]
 

@@ -12,10 +12,10 @@ import os
 import sys
 from typing import TextIO
 
-from .breakpoints.strategies import NAMES as STRATEGY_NAMES
-from .breakpoints.strategies import describe as describe_strategies
-from .errors import OutputClosed, ProbeError
-from .perfbridge import options as perf_options
+from emuprobe.engine.strategies import NAMES as STRATEGY_NAMES
+from emuprobe.engine.strategies import describe as describe_strategies
+from emuprobe.errors import OutputClosed, ProbeError
+from emuprobe.perfbridge import options as perf_options
 
 TRACE_EPILOG = """\
 PROBE is [NAME=][BINARY:]SYMBOL[+OFFSET] or [NAME=]BINARY:0xADDRESS.
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="run the benchmark suite (from a source checkout; = python -m benchmarks)"
     )
-    from .difftest.cli import add_parser as add_difftest
+    from emuprobe.difftest.cli import add_parser as add_difftest
 
     add_difftest(sub)
     return p
@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             return _list(args.binary, args.glob)
         if args.command == "repair":
-            from .breakpoints.repair import describe, repair
+            from emuprobe.engine.repair import describe, repair
 
             print(describe(repair(args.pid), args.pid))
             return 0
         if args.command == "difftest":
-            from .difftest.cli import main as difftest
+            from emuprobe.difftest.cli import main as difftest
 
             return difftest(args, command)
         return _trace(args, command)
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _trace(args: argparse.Namespace, command: list[str]) -> int:
-    from .api import Tracer
-    from .output import LinePrinter, count_table, open_output, stats_json
-    from .perfbridge import frontend
+    from emuprobe.api import Tracer
+    from emuprobe.output import LinePrinter, count_table, open_output, stats_json
+    from emuprobe.perfbridge import frontend
 
     if args.pid is not None and command:
         raise ProbeError("give either -p PID or a command after '--', not both")
@@ -229,9 +229,9 @@ def _bench(argv: list[str]) -> int:
 
 
 def _list(binary: str, glob: str) -> int:
-    from .breakpoints.elfimage import ElfImage
-    from .breakpoints.libraries import find_library_on_disk, is_path_spec
-    from .emulator.decode import NativeStep, analyze
+    from emuprobe.sys.elfimage import ElfImage
+    from emuprobe.sys.libraries import find_library_on_disk, is_path_spec
+    from emuprobe.x86.decode import NativeStep, analyze
 
     path = binary
     if not is_path_spec(binary) and not os.path.exists(binary):

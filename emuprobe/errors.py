@@ -14,3 +14,8 @@ class ProbeError(Exception):
 class OutputClosed(Exception):
     """An output emuprobe writes to was closed by its reader (EPIPE, as with
     `| head`): the session ends quietly, as perf and bpftrace do."""
+
+
+def spec_error(text: str, column: int, message: str) -> ProbeError:
+    """A one-line error quoting the probe `text` and naming the 1-based column at fault."""
+    return ProbeError(f"bad probe '{text}' at column {column + 1}: {message}")

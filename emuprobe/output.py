@@ -7,9 +7,9 @@ import os
 import stat
 from typing import TextIO
 
-from .breakpoints.sites import Probe
-from .errors import ProbeError
-from .events import ProbeEvent
+from emuprobe.engine.events import ProbeEvent
+from emuprobe.engine.sites import Probe
+from emuprobe.errors import ProbeError
 
 
 def open_output(path: str) -> TextIO:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 
-from .errors import ProbeError
+from emuprobe.errors import ProbeError
 
 
 def require_supported() -> None:

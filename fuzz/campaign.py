@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from emuprobe.difftest import prove
-from emuprobe.emulator import trust
+from emuprobe.x86 import trust
 
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
 REPO = Path(__file__).resolve().parent.parent

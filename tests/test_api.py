@@ -81,7 +81,7 @@ def test_rep_string_probe_fires_once_per_execution(tmp_path):
     assert t.stdout == plain.stdout
     s = t.stats["probes"]["f_rep"]
     assert s["hits"] == 12  # once per execution, natively stepped or not
-    from emuprobe.emulator.decode import NativeStep, analyze
+    from emuprobe.x86.decode import NativeStep, analyze
 
     if isinstance(analyze(bytes.fromhex("f3a4c3") + bytes(13), 0), NativeStep):
         assert s["native_fallback"] == 12  # rep movsb is not (yet) trusted

@@ -17,19 +17,20 @@ from pathlib import Path
 
 import pytest
 
-from emuprobe.breakpoints import ptrace as pt
 from emuprobe.difftest import campaign
 from emuprobe.difftest.cases import Case
 from emuprobe.difftest.compare import FAULT, MATCH, MISMATCH, REFUSED
+from emuprobe.difftest.oracle import CODE, DATA, RO, SITE, Sandbox
 from emuprobe.difftest.runner import Result, Runner, decode
 from emuprobe.difftest.strategies import FIXED_GPRS
 from emuprobe.difftest.undefined import undefined
-from emuprobe.emulator import cmachine, machine, trust
-from emuprobe.emulator.classkey import class_key
-from emuprobe.emulator.cpu import Cpu, parse_cpuinfo, this_cpu
-from emuprobe.emulator.decode import NativeStep, UnicornStep, analyze
-from emuprobe.emulator.oracle import CODE, DATA, RO, SITE, Sandbox
-from emuprobe.emulator.regs import AF, CF, OF, PF, SF, ZF
+from emuprobe.exec import cmachine, machine
+from emuprobe.sys import ptrace as pt
+from emuprobe.x86 import trust
+from emuprobe.x86.classkey import class_key
+from emuprobe.x86.cpu import Cpu, parse_cpuinfo, this_cpu
+from emuprobe.x86.decode import NativeStep, UnicornStep, analyze
+from emuprobe.x86.regs import AF, CF, OF, PF, SF, ZF
 
 REPO = Path(__file__).resolve().parent.parent
 DISCREPANCIES = REPO / "fuzz" / "discrepancies"
@@ -295,7 +296,7 @@ def test_ci_profile_draws_the_same_cases_whatever_the_process_imported(tmp_path:
         "import hashlib, sys\n"
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
         "if sys.argv[1] == 'more':\n"
-        "    import literals_mod, emuprobe.breakpoints.xol  # noqa\n"
+        "    import literals_mod, emuprobe.engine.xol  # noqa\n"
         "from emuprobe.difftest import campaign\n"
         "drawn = repr([c.to_json() for c in campaign.draw_cases(campaign.CI_PROFILE, 400)])\n"
         "print(drawn.count('code'), hashlib.sha256(drawn.encode()).hexdigest())\n"
@@ -327,7 +328,7 @@ def caught_by_ci_profile() -> Result | None:
 def test_ci_profile_catches_cf_dropped_on_write_back(
     monkeypatch: pytest.MonkeyPatch, compiled: str
 ) -> None:
-    from emuprobe.emulator.regs import EMULATED_FLAGS
+    from emuprobe.x86.regs import EMULATED_FLAGS
 
     if compiled == "1" and cmachine.compiled_module() is None:
         pytest.skip("the compiled machine is not built")

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from emuprobe.breakpoints.elfimage import ElfImage
-from emuprobe.breakpoints.libraries import (
-    find_library_on_disk,
-    is_path_spec,
-    library_matches,
-)
 from emuprobe.errors import ProbeError
+from emuprobe.sys.elfimage import ElfImage
+from emuprobe.sys.libraries import find_library_on_disk, is_path_spec, library_matches
 
 FIXTURES = Path(__file__).parent / "fixtures"
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
@@ -474,9 +470,9 @@ def test_find_library_on_disk(ifunc_lib: Path) -> None:
 
 def test_check_targets_finds_each_library_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """Many probes in one library search the disk (and the program's RUNPATH) once."""
-    from emuprobe.breakpoints import targets
-    from emuprobe.breakpoints.sites import Probe
-    from emuprobe.spec import parse_probe
+    from emuprobe.engine import targets
+    from emuprobe.engine.sites import Probe
+    from emuprobe.spec.probe import parse_probe
 
     calls: list[str] = []
 

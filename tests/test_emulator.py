@@ -1,6 +1,6 @@
 """The emulator against the CPU: every emulated instruction is compared with a
 native PTRACE_SINGLESTEP of the same bytes from the same state, in the native
-oracle's sandbox (emuprobe/emulator/oracle.py).  Nothing here mocks ptrace.
+oracle's sandbox (emuprobe/difftest/oracle.py).  Nothing here mocks ptrace.
 
 These tables pin behaviour the engine relies on whether or not a class is in
 the trust table, so plans come from `plan()` (trust bypassed); the trust gate
@@ -30,32 +30,14 @@ from unicorn import (
 )
 from unicorn import x86_const as ucx
 
-from emuprobe.breakpoints import ptrace as pt
-from emuprobe.breakpoints.memory import ProcessMemory
-from emuprobe.emulator import cmachine, policy
-from emuprobe.emulator.decode import FastPath, NativeStep, Plan, UnicornStep, analyze, describe
-from emuprobe.emulator.execute import Emulated, Emulator, Refused
-from emuprobe.emulator.oracle import (
-    CODE,
-    DATA,
-    DATA_LEN,
-    RO,
-    Input,
-    PtraceFp,
-    Sandbox,
-)
-from emuprobe.emulator.regs import (
-    AF,
-    ARITH_FLAGS,
-    CF,
-    EMULATED_FLAGS,
-    GPR_NAMES,
-    GPRS,
-    OF,
-    PF,
-    SF,
-    ZF,
-)
+from emuprobe.difftest.oracle import CODE, DATA, DATA_LEN, RO, Input, PtraceFp, Sandbox
+from emuprobe.exec import cmachine
+from emuprobe.exec.execute import Emulated, Emulator, Refused
+from emuprobe.sys import ptrace as pt
+from emuprobe.sys.memory import ProcessMemory
+from emuprobe.x86 import policy
+from emuprobe.x86.decode import FastPath, NativeStep, Plan, UnicornStep, analyze, describe
+from emuprobe.x86.regs import AF, ARITH_FLAGS, CF, EMULATED_FLAGS, GPR_NAMES, GPRS, OF, PF, SF, ZF
 
 SITE = CODE + 0x100
 STACK = DATA + 0x2000
@@ -116,7 +98,7 @@ class Snapshot:
 
 
 class Tracee:
-    """The native oracle's sandbox (emuprobe/emulator/oracle.py), driven from a State."""
+    """The native oracle's sandbox (emuprobe/difftest/oracle.py), driven from a State."""
 
     def __init__(self) -> None:
         self.sb = Sandbox()

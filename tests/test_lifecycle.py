@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EMUPROBE, children_of, wait_for
-from emuprobe.breakpoints.maps import read_maps
+from emuprobe.sys.maps import read_maps
 from fixturebuild import build, run, symbol_vaddr
 
 

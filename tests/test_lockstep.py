@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from emuprobe.difftest.lockstep import Lockstep
-from emuprobe.emulator import cmachine, machine
-from emuprobe.emulator.regs import CF, EMULATED_FLAGS
+from emuprobe.exec import cmachine, machine
+from emuprobe.x86.regs import CF, EMULATED_FLAGS
 
 REPO = Path(__file__).resolve().parent.parent
 TRUE = "/bin/true"

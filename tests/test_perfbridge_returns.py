@@ -11,7 +11,7 @@ import pytest
 import fixturebuild as fb
 from conftest import run_traced
 from emuprobe.api import Tracer
-from emuprobe.breakpoints.hotloop import HotLoop
+from emuprobe.engine.hotloop import HotLoop
 from emuprobe.perfbridge.bridge import Bridge
 
 VARIANTS = ["O0-pie", "O2-pie"]

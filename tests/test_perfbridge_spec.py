@@ -12,9 +12,9 @@ import pytest
 import fixturebuild as fb
 from emuprobe.errors import ProbeError
 from emuprobe.perfbridge import kernel
-from emuprobe.perfbridge.fetchargs import Addr, Comm, Deref, Imm, Reg, Retval, Stack
-from emuprobe.perfbridge.spec import binary_tag, parse_perf_probe, parse_uprobe_event
-from emuprobe.spec import parse_probe
+from emuprobe.spec.fetchargs import Addr, Comm, Deref, Imm, Reg, Retval, Stack
+from emuprobe.spec.perf import binary_tag, parse_perf_probe, parse_uprobe_event
+from emuprobe.spec.probe import parse_probe
 
 # text, -> (name, binary, symbol, offset, retprobe, [(arg name, fetch, type name)])
 PERF_GOOD = [

@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import hits, run_traced
-from emuprobe.emulator.decode import NativeStep, analyze
+from emuprobe.x86.decode import NativeStep, analyze
 from fixturebuild import build, parse_counts, run, symbol_offset
 
 VARIANTS = ["O0-pie", "O2-nopie"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from emuprobe.errors import ProbeError
-from emuprobe.spec import parse_probe
+from emuprobe.spec.probe import parse_probe
 
 GOOD = [
     # text, name, binary, symbol, offset, address

@@ -17,8 +17,8 @@ from test_vs_kernel import _maps_when_paused  # maps of firstinsn once it printe
 
 from conftest import EMUPROBE, hits, run_traced
 from emuprobe.api import Tracer
-from emuprobe.breakpoints.hotloop import HotLoop
-from emuprobe.breakpoints.xolinsn import prepare
+from emuprobe.engine.hotloop import HotLoop
+from emuprobe.exec.xolinsn import prepare
 from fixturebuild import FIRSTINSN_FUNCS, build, cpu_has, parse_counts, run
 
 COMPARED = ["xol", "inplace", "stopworld"]
@@ -147,8 +147,8 @@ def test_compiled_hot_loop_agrees_with_the_python_path(tmp_path, monkeypatch, ca
     """With these classes trusted, the FastPath and (with the compiled machine)
     UnicornStep sites run in C after their first hit; the program's checksum
     and every count equal the Python path's."""
-    from emuprobe.emulator import trust
-    from emuprobe.emulator.cpu import this_cpu
+    from emuprobe.x86 import trust
+    from emuprobe.x86.cpu import this_cpu
 
     forced = trust.TrustTable(1)
     for key in HOT_CLASSES:

@@ -19,14 +19,14 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 
-from ..emulator.oracle import SITE
-from ..emulator.regs import GPR_NAMES
-from .cases import FILL_BOUNDARY, Case
-from .compare import MISMATCH
-from .isolate import StopCampaign, in_worker
-from .opcodes import MANDATORY, opcode_maps, real_code
-from .runner import Result, Runner, decode
-from .strategies import FIXED_GPRS, FIXED_XMM, MAP_ENCODINGS, cases, encodings
+from emuprobe.difftest.cases import FILL_BOUNDARY, Case
+from emuprobe.difftest.compare import MISMATCH
+from emuprobe.difftest.isolate import StopCampaign, in_worker
+from emuprobe.difftest.opcodes import MANDATORY, opcode_maps, real_code
+from emuprobe.difftest.oracle import SITE
+from emuprobe.difftest.runner import Result, Runner, decode
+from emuprobe.difftest.strategies import FIXED_GPRS, FIXED_XMM, MAP_ENCODINGS, cases, encodings
+from emuprobe.x86.regs import GPR_NAMES
 
 Progress = Callable[[Runner], None]
 __all__ = ["CI_PROFILE", "Config", "StopCampaign", "run_campaign", "shrink", "matching_encodings"]

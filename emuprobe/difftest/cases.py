@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, replace
 from functools import cache
 from typing import Any
 
-from ..emulator.oracle import DATA_LEN, SITE, Input, Sandbox
-from ..emulator.regs import GPR_NAMES
+from emuprobe.difftest.oracle import DATA_LEN, SITE, Input, Sandbox
+from emuprobe.x86.regs import GPR_NAMES
 
 # Data-page fills: a boundary pattern, zeros, ones, or pseudo-random bytes
 # from the seed (fill >= FILL_RANDOM).

@@ -8,8 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from ..emulator import trust
-from ..errors import ProbeError
+from emuprobe.errors import ProbeError
+from emuprobe.x86 import trust
 
 EPILOG = """\
 A campaign generates instructions with Hypothesis (opcode maps 1-byte, 0F,
@@ -91,8 +91,8 @@ def main(args: argparse.Namespace, command: list[str]) -> int:
 
 
 def _campaign(args: argparse.Namespace) -> int:
-    from .campaign import Config, run_campaign
-    from .report import (
+    from emuprobe.difftest.campaign import Config, run_campaign
+    from emuprobe.difftest.report import (
         ProgressBar,
         print_reproducers,
         print_summary,
@@ -100,7 +100,7 @@ def _campaign(args: argparse.Namespace) -> int:
         update_trust,
         write_discrepancies,
     )
-    from .runner import Runner
+    from emuprobe.difftest.runner import Runner
 
     # top-ups (more cases for classes short of proof) only matter for the table
     cfg = Config(examples=args.examples, seed=args.seed, glob=args.mnemonic,
@@ -138,7 +138,7 @@ def _campaign(args: argparse.Namespace) -> int:
 
 def _add_to_corpus(stats: dict, path: Path | None, min_cases: int) -> None:
     """The encodings a campaign met, added to what --prove replays."""
-    from .prove import corpus_from_campaign, corpus_path, dump_corpus, load_corpus
+    from emuprobe.difftest.prove import corpus_from_campaign, corpus_path, dump_corpus, load_corpus
 
     path = path or corpus_path()
     path.write_text(dump_corpus(corpus_from_campaign(load_corpus(path), stats, min_cases)))
@@ -147,9 +147,9 @@ def _add_to_corpus(stats: dict, path: Path | None, min_cases: int) -> None:
 def _prove(args: argparse.Namespace) -> int:
     import time
 
-    from ..emulator.cpu import this_cpu
-    from .prove import load_corpus, prologue_corpus, prove, select_classes
-    from .report import ProgressBar, update_trust
+    from emuprobe.difftest.prove import load_corpus, prologue_corpus, prove, select_classes
+    from emuprobe.difftest.report import ProgressBar, update_trust
+    from emuprobe.x86.cpu import this_cpu
 
     start = time.monotonic()
     path = Path(args.trust_file) if args.trust_file else trust.local_path()
@@ -175,8 +175,8 @@ def _prove(args: argparse.Namespace) -> int:
 
 def _print_proof(stats: dict, crashed: list[str], prologues: list[bytes], seconds: float,
                  path: Path) -> None:  # fmt: skip
-    from ..emulator.decode import NativeStep, analyze
-    from ..emulator.oracle import SITE
+    from emuprobe.difftest.oracle import SITE
+    from emuprobe.x86.decode import NativeStep, analyze
 
     here = trust.trusted_here()
     proven = sum(1 for k in stats if k in here)
@@ -210,7 +210,7 @@ def _load_table(path: Path) -> trust.TrustTable:
 
 
 def _lockstep(command: list[str], every: int) -> int:
-    from .lockstep import lockstep
+    from emuprobe.difftest.lockstep import lockstep
 
     def progress(rep: object) -> None:
         if sys.stderr.isatty():

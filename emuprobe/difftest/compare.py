@@ -16,10 +16,10 @@ from dataclasses import dataclass
 
 from capstone import CsInsn
 
-from ..emulator.execute import Emulated, StepResult
-from ..emulator.oracle import CODE, CODE_LEN, DATA, DATA_LEN, RO, Input, Outcome
-from ..emulator.regs import EMULATED_FLAGS, GPR_NAMES
-from .undefined import NONE, Undefined, undefined
+from emuprobe.difftest.oracle import CODE, CODE_LEN, DATA, DATA_LEN, RO, Input, Outcome
+from emuprobe.difftest.undefined import NONE, Undefined, undefined
+from emuprobe.exec.execute import Emulated, StepResult
+from emuprobe.x86.regs import EMULATED_FLAGS, GPR_NAMES
 
 MATCH = "match"  # both completed, same state
 FAULT = "fault"  # both faulted (the engine refused, claiming the CPU's fault class)

@@ -21,13 +21,13 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
-from ..emulator.classkey import class_key
-from ..emulator.decode import NativeStep, analyze
-from ..emulator.execute import Emulator
-from ..emulator.oracle import Sandbox
-from .cases import Case
-from .compare import MISMATCH, Verdict
-from .runner import Result, Runner, decode
+from emuprobe.difftest.cases import Case
+from emuprobe.difftest.compare import MISMATCH, Verdict
+from emuprobe.difftest.oracle import Sandbox
+from emuprobe.difftest.runner import Result, Runner, decode
+from emuprobe.exec.execute import Emulator
+from emuprobe.x86.classkey import class_key
+from emuprobe.x86.decode import NativeStep, analyze
 
 
 class StopCampaign(Exception):

@@ -27,15 +27,15 @@ from typing import Any
 
 from capstone import x86_const as csx
 
-from ..breakpoints import ptrace as pt
-from ..breakpoints.memory import ProcessMemory
-from ..emulator import policy, trust
-from ..emulator.decode import NativeStep, Plan, UnicornStep, analyze
-from ..emulator.execute import Emulated, Emulator
-from ..emulator.oracle import end_traced
-from ..emulator.regs import EMULATED_FLAGS, GPR_NAMES, MASK64, full_register
-from .runner import decode
-from .undefined import NONE, Undefined, undefined
+from emuprobe.difftest.oracle import end_traced
+from emuprobe.difftest.runner import decode
+from emuprobe.difftest.undefined import NONE, Undefined, undefined
+from emuprobe.exec.execute import Emulated, Emulator
+from emuprobe.sys import ptrace as pt
+from emuprobe.sys.memory import ProcessMemory
+from emuprobe.x86 import policy, trust
+from emuprobe.x86.decode import NativeStep, Plan, UnicornStep, analyze
+from emuprobe.x86.regs import EMULATED_FLAGS, GPR_NAMES, MASK64, full_register
 
 
 class RecordingMemory(ProcessMemory):

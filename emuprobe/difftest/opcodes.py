@@ -15,7 +15,7 @@ from functools import cache
 
 import capstone
 
-from .prologues import function_starts, libc_path, text_section
+from emuprobe.difftest.prologues import function_starts, libc_path, text_section
 
 # An opcode template: the bytes before ModRM, with any mandatory prefix first.
 Template = bytes

@@ -27,16 +27,16 @@ from importlib import resources
 from pathlib import Path
 from typing import IO
 
-from ..emulator import trust
-from ..emulator.classkey import class_key
-from ..emulator.cpu import this_cpu
-from ..emulator.oracle import SITE
-from ..emulator.x86cs import decode
-from .compare import MISMATCH
-from .opcodes import PROLOGUES
-from .prologues import default_programs, prologue_encodings
-from .runner import ClassStats, Runner, unsafe_natively
-from .strategies import replay_case
+from emuprobe.difftest.compare import MISMATCH
+from emuprobe.difftest.opcodes import PROLOGUES
+from emuprobe.difftest.oracle import SITE
+from emuprobe.difftest.prologues import default_programs, prologue_encodings
+from emuprobe.difftest.runner import ClassStats, Runner, unsafe_natively
+from emuprobe.difftest.strategies import replay_case
+from emuprobe.x86 import trust
+from emuprobe.x86.classkey import class_key
+from emuprobe.x86.cpu import this_cpu
+from emuprobe.x86.x86cs import decode
 
 Corpus = dict[str, list[bytes]]  # class -> encodings
 Item = tuple[str, list[bytes]]  # one class to prove, and its encodings

@@ -11,12 +11,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..emulator.cpu import this_cpu
-from ..emulator.decode import NativeStep, analyze
-from ..emulator.trust import TrustTable
-from .cases import Case
-from .compare import FAULT, MATCH, MISMATCH, REFUSED
-from .runner import POLICY, ClassStats, Runner
+from emuprobe.difftest.cases import Case
+from emuprobe.difftest.compare import FAULT, MATCH, MISMATCH, REFUSED
+from emuprobe.difftest.runner import POLICY, ClassStats, Runner
+from emuprobe.x86.cpu import this_cpu
+from emuprobe.x86.decode import NativeStep, analyze
+from emuprobe.x86.trust import TrustTable
 
 UNTRUSTED_NOTE = "untrusted: the engine sends this class to the native fallback"
 

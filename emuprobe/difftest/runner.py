@@ -11,14 +11,14 @@ from typing import Any
 import capstone
 from capstone import x86_const as csx
 
-from ..emulator import policy
-from ..emulator.classkey import class_key
-from ..emulator.decode import NativeStep, UnicornStep, analyze
-from ..emulator.execute import Emulator
-from ..emulator.oracle import Sandbox
-from ..emulator.x86cs import decode
-from .cases import Case
-from .compare import MATCH, MISMATCH, Verdict, compare
+from emuprobe.difftest.cases import Case
+from emuprobe.difftest.compare import MATCH, MISMATCH, Verdict, compare
+from emuprobe.difftest.oracle import Sandbox
+from emuprobe.exec.execute import Emulator
+from emuprobe.x86 import policy
+from emuprobe.x86.classkey import class_key
+from emuprobe.x86.decode import NativeStep, UnicornStep, analyze
+from emuprobe.x86.x86cs import decode
 
 POLICY = "policy"  # the engine refuses the class by policy (explored with it off)
 NOPLAN = "noplan"  # nothing to compare: undecodable, unsafe to run, or not transferable

@@ -35,11 +35,11 @@ from capstone import CsInsn
 from capstone import x86_const as csx
 from hypothesis import strategies as st
 
-from ..emulator.oracle import CODE, CODE_LEN, DATA, DATA_LEN, RO, RO_LEN, SITE
-from ..emulator.regs import GPR_NAMES, full_register
-from .cases import BOUNDARY64, FILL_RANDOM, Case
-from .opcodes import LEGACY_PREFIXES, opcode_maps, real_code
-from .runner import decode, unsafe_natively
+from emuprobe.difftest.cases import BOUNDARY64, FILL_RANDOM, Case
+from emuprobe.difftest.opcodes import LEGACY_PREFIXES, opcode_maps, real_code
+from emuprobe.difftest.oracle import CODE, CODE_LEN, DATA, DATA_LEN, RO, RO_LEN, SITE
+from emuprobe.difftest.runner import decode, unsafe_natively
+from emuprobe.x86.regs import GPR_NAMES, full_register
 
 MASK64 = (1 << 64) - 1
 STACK = DATA + 0x2000

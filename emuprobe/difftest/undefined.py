@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from capstone import CsInsn
 from capstone import x86_const as csx
 
-from ..breakpoints.ptrace import UserRegs
-from ..emulator.regs import AF, CF, OF, PF, SF, ZF, full_register
+from emuprobe.sys.ptrace import UserRegs
+from emuprobe.x86.regs import AF, CF, OF, PF, SF, ZF, full_register
 
 SDM = "Intel SDM Vol. 2"
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from ..errors import ProbeError
-from .record import Record
+from emuprobe.errors import ProbeError
+from emuprobe.perfbridge.record import Record
 
 LATENCY = "latency"
 _BAR = 52

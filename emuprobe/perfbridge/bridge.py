@@ -13,13 +13,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from ..api import Tracer
-from ..breakpoints.sites import Probe
-from ..events import ProbeEvent
-from ..spec import ProbeSpec, parse_probe
-from .fetch import FetchContext, fetch_all, format_args
-from .record import Frame, Record
-from .retprobe import ReturnTracker
+from emuprobe.api import Tracer
+from emuprobe.engine.events import ProbeEvent
+from emuprobe.engine.sites import Probe
+from emuprobe.perfbridge.fetch import FetchContext, fetch_all, format_args
+from emuprobe.perfbridge.record import Frame, Record
+from emuprobe.perfbridge.retprobe import ReturnTracker
+from emuprobe.spec.probe import ProbeSpec, parse_probe
 
 Sink = Callable[[Record], None]
 Unwind = Callable[[ProbeEvent], tuple[Frame, ...]]

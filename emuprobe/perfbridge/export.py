@@ -18,8 +18,7 @@ import json
 from collections import Counter
 from typing import TextIO
 
-from .options import FORMATS as FORMATS
-from .record import Record
+from emuprobe.perfbridge.record import Record
 
 
 class TextWriter:

@@ -11,7 +11,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .fetchargs import Addr, Comm, Deref, Fetch, FetchArg, FetchType, Imm, Reg, Retval, Stack
+from emuprobe.spec.fetchargs import (
+    Addr,
+    Comm,
+    Deref,
+    Fetch,
+    FetchArg,
+    FetchType,
+    Imm,
+    Reg,
+    Retval,
+    Stack,
+)
 
 Value = int | str | None  # None: a string that could not be read
 _MAX_STRING = 4096  # MAX_STRING_SIZE (PATH_MAX) in the kernel

@@ -8,15 +8,15 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from ..api import Tracer
-from ..errors import ProbeError
-from ..spec import ProbeSpec, parse_probe
-from .aggregate import Aggregator, check_names
-from .bridge import Bridge
-from .export import ChromeWriter, FoldedWriter, JsonlWriter, TextWriter
-from .options import DEFAULT_DEPTH, stack_depth
-from .record import Record
-from .spec import parse_perf_probe, read_events_file
+from emuprobe.api import Tracer
+from emuprobe.errors import ProbeError
+from emuprobe.perfbridge.aggregate import Aggregator, check_names
+from emuprobe.perfbridge.bridge import Bridge
+from emuprobe.perfbridge.export import ChromeWriter, FoldedWriter, JsonlWriter, TextWriter
+from emuprobe.perfbridge.options import DEFAULT_DEPTH, stack_depth
+from emuprobe.perfbridge.record import Record
+from emuprobe.spec.perf import parse_perf_probe, read_events_file
+from emuprobe.spec.probe import ProbeSpec, parse_probe
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -85,12 +85,12 @@ class TraceFrontend:
             return
         unwind = None
         if self.depth:
-            from .unwind import Unwinder
+            from emuprobe.perfbridge.unwind import Unwinder
 
             unwind = Unwinder(tracer.session, self.depth).unwind
         sink = self._fan_out(sinks)
         if self.args.kernel_events:
-            from .kevents import KernelEvents, Merger
+            from emuprobe.perfbridge.kevents import KernelEvents, Merger
 
             merger = Merger(sink)
             self.kernel = KernelEvents(self.args.kernel_events, merger.push_kernel)

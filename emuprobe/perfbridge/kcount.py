@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 
-from . import kernel
+from emuprobe.perfbridge import kernel
 
 
 @dataclass(frozen=True)

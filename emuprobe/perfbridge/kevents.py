@@ -23,9 +23,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..breakpoints.tracee import Process, list_threads
-from ..errors import ProbeError
-from .record import Record
+from emuprobe.engine.tracee import Process
+from emuprobe.errors import ProbeError
+from emuprobe.perfbridge.record import Record
+from emuprobe.sys.tasks import list_threads
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
 _PERF_TYPE_TRACEPOINT = 2
@@ -58,7 +59,7 @@ def _events_dir() -> str:
     for d in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
         if os.path.isdir(os.path.join(d, "events")):
             return d
-    from .kernel import KernelUprobesUnavailable, tracefs_dir
+    from emuprobe.perfbridge.kernel import KernelUprobesUnavailable, tracefs_dir
 
     try:
         return tracefs_dir()  # mounts tracefs when it is empty (root only)

@@ -55,7 +55,7 @@ def normalize(argv: list[str]) -> list[str]:
 def stack_depth(args: argparse.Namespace) -> int:
     """The call-chain depth asked for, 0 for none."""
     if args.stack_depth < 0:
-        from ..errors import ProbeError
+        from emuprobe.errors import ProbeError
 
         raise ProbeError(f"--stack={args.stack_depth}: the depth must be positive")
     return args.stack_depth or (DEFAULT_DEPTH if args.stack else 0)

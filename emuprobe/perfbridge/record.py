@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..output import perf_header
+from emuprobe.output import perf_header
 
 KINDS = ("probe", "return", "kernel")
 

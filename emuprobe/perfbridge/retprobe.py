@@ -20,13 +20,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..breakpoints import ptrace
-from ..breakpoints.sites import AddressSpace, Probe
-from ..breakpoints.tracee import Thread
-from ..errors import ProbeError
-from ..events import ProbeEvent
-from ..session import Session
-from ..spec import ProbeSpec
+from emuprobe.engine.events import ProbeEvent
+from emuprobe.engine.session import Session
+from emuprobe.engine.sites import AddressSpace, Probe
+from emuprobe.engine.tracee import Thread
+from emuprobe.errors import ProbeError
+from emuprobe.spec.probe import ProbeSpec
+from emuprobe.sys import ptrace
 
 _INT3 = 0xCC
 

@@ -17,12 +17,12 @@ from typing import Any
 from elftools.dwarf.callframe import FDE
 from elftools.elf.elffile import ELFFile
 
-from ..breakpoints.elfimage import ElfImage
-from ..breakpoints.maps import Mapping
-from ..errors import ProbeError
-from ..events import ProbeEvent
-from ..session import Session
-from .record import Frame
+from emuprobe.engine.events import ProbeEvent
+from emuprobe.engine.session import Session
+from emuprobe.errors import ProbeError
+from emuprobe.perfbridge.record import Frame
+from emuprobe.sys.elfimage import ElfImage
+from emuprobe.sys.maps import Mapping
 
 _RSP, _RBP, _RA = 7, 6, 16  # DWARF register numbers on x86-64
 UNKNOWN = "[unknown]"
