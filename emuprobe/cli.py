@@ -92,10 +92,6 @@ def _parser() -> argparse.ArgumentParser:
         "excepted).",
     )
     rp.add_argument("-p", "--pid", type=int, required=True, help="the process to repair")
-    # listed for --help only: main() hands `bench ...` to the suite before parsing
-    sub.add_parser(
-        "bench", help="run the benchmark suite (from a source checkout; = python -m benchmarks)"
-    )
     from emuprobe.difftest.cli import add_parser as add_difftest
 
     add_difftest(sub)
@@ -123,13 +119,6 @@ def _split_command(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
-    if args_in[:1] == ["bench"]:
-        # The suite parses its own options (argparse.REMAINDER cannot pass --help on).
-        try:
-            return _bench(args_in[1:])
-        except ProbeError as e:
-            print(f"emuprobe: {e}", file=sys.stderr)
-            return 2
     ours, command = _split_command(args_in)
     args = _parser().parse_args(perf_options.normalize(ours))
     try:
@@ -211,21 +200,6 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
             except OSError as e:
                 raise ProbeError(f"cannot write {args.stats_json}: {e.strerror}") from e
     return status
-
-
-def _bench(argv: list[str]) -> int:
-    """`python -m benchmarks`: the suite lives beside the package in a checkout."""
-    import importlib
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path and (Path(root) / "benchmarks" / "__main__.py").exists():
-        sys.path.append(root)
-    try:
-        bench = importlib.import_module("benchmarks.__main__")
-    except ImportError as e:
-        raise ProbeError(f"emuprobe bench needs a source checkout with benchmarks/ ({e})") from e
-    return int(bench.main(argv))
 
 
 def _list(binary: str, glob: str) -> int:

@@ -7,7 +7,6 @@ in `pending` and handled by the event loop later instead of being lost.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import time
@@ -213,17 +212,6 @@ class Registry:
         for t in threads:
             if t.tid in self.threads:
                 self.resume(t)
-
-
-def ignore_gone(fn, *args) -> bool:  # type: ignore[no-untyped-def]
-    """Run a ptrace call on a tracee that may have died meanwhile; False if it had."""
-    try:
-        fn(*args)
-        return True
-    except OSError as e:
-        if e.errno == errno.ESRCH:
-            return False
-        raise
 
 
 SYNC_FAULTS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})

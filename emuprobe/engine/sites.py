@@ -83,9 +83,6 @@ class AddressSpace:
         self.planted: dict[int, ProbeSite] = {}
         self.users = 1  # processes sharing this mm (vfork)
 
-    def site_at(self, addr: int) -> ProbeSite | None:
-        return self.planted.get(addr)
-
     def plant(self, site: ProbeSite, addr: int) -> bool:
         """Write the int3 for `site` at `addr`; False if it was already there.
 
