@@ -118,7 +118,7 @@ class Tracer:
         if exe is None:
             raise ProbeError(f"command not found: {argv[0]}")
         s = self.session
-        s.targets = check_targets(self._specs, os.path.realpath(exe), s.images, None)
+        s.set_targets(check_targets(self._specs, os.path.realpath(exe), s.images, None))
         # EXITKILL: if emuprobe itself is killed, the command must not run on
         # with int3s that nobody handles.
         pid = spawn_seized(argv, TRACE_OPTIONS | ptrace.PTRACE_O_EXITKILL)
@@ -146,7 +146,7 @@ class Tracer:
             mapped = read_maps(pid)
         except OSError as e:
             raise ProbeError(f"PID {pid}: cannot read its executable or maps ({e.strerror})") from e
-        s.targets = check_targets(self._specs, exe.removesuffix(" (deleted)"), s.images, mapped)
+        s.set_targets(check_targets(self._specs, exe.removesuffix(" (deleted)"), s.images, mapped))
         s.attached = True
         proc = Process(pid, AddressSpace(ProcessMemory(pid)), attached=True)
         s.reg.add_process(proc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,10 @@ class ProbeEvent:
     address: int  # run-time address of the probed instruction
     regs: Registers
     _memory: Any
+
+    def for_probe(self, probe: Probe) -> ProbeEvent:
+        """The same hit, as another probe on the same site sees it."""
+        return dataclasses.replace(self, probe=probe)
 
     def read_memory(self, addr: int, size: int) -> bytes:
         """`size` bytes of the tracee's memory (OSError if unmapped)."""

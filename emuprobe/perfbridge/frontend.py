@@ -95,7 +95,7 @@ class TraceFrontend:
             merger = Merger(sink)
             self.kernel = KernelEvents(self.args.kernel_events, merger.push_kernel)
             merger.kernel = self.kernel
-            tracer.session.on_start.append(self.kernel.open_for)
+            tracer.session.when_started(self.kernel.open_for)
             sink = merger.push
             self.merger = merger
         bridge = Bridge(tracer, sink, unwind)

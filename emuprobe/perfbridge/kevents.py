@@ -224,7 +224,7 @@ class KernelEvents:
         self._started = False
 
     def open_for(self, proc: Process) -> None:
-        """Session.on_start hook: follow `proc` (and, by inheritance, what it creates)."""
+        """Session.when_started hook: follow `proc` (and, by inheritance, what it creates)."""
         tids = list_threads(proc.pid) or [proc.pid]
         with self._lock:
             for tp in self.tracepoints:

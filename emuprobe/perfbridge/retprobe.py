@@ -45,7 +45,7 @@ class HeldSites:
         self._warn = warn
         self._refs: dict[tuple[AddressSpace, int], int] = {}
         self._retired: dict[AddressSpace, set[int]] = {}
-        session.stray_trap = self._stray
+        session.judge_stray_traps(self._stray)
 
     def hold(self, aspace: AddressSpace, addr: int) -> bool:
         """Take a reference on an int3 at `addr`; False if it cannot be planted there."""
@@ -73,7 +73,7 @@ class HeldSites:
         if image.identity != (m.dev, m.inode):
             raise ProbeError(f"{m.path} changed on disk since it was mapped")
         file_offset = m.offset + (addr - m.start)
-        site = self._session._site(image, image.offset_to_vaddr(file_offset), file_offset,
+        site = self._session.site_for(image, image.offset_to_vaddr(file_offset), file_offset,
                                    self._probe)
         aspace.plant(site, addr)
 
@@ -84,7 +84,7 @@ class HeldSites:
             self._refs[key] = n
             return
         self._refs.pop(key, None)
-        self._session.after_hit.append(lambda: self._unplant(aspace, addr))
+        self._session.after_this_hit(lambda: self._unplant(aspace, addr))
 
     def _unplant(self, aspace: AddressSpace, addr: int) -> None:
         site = aspace.planted.get(addr)
