@@ -99,16 +99,16 @@ class Tracer:
                 self._attach(self.pid)
             status = self.session.run()
         stop = self.session.stop_signal
-        if stop and self.argv is not None and self.session.root_pid:
+        if stop and self.argv is not None and self.session.stops.root_pid:
             # Ctrl-C already reached the command through the terminal; SIGTERM
             # was ours alone, so pass it on (as strace does) and report how the
             # command ended if it ends promptly.
             if stop == signal.SIGTERM:
                 try:
-                    os.kill(self.session.root_pid, signal.SIGTERM)
+                    os.kill(self.session.stops.root_pid, signal.SIGTERM)
                 except ProcessLookupError:
                     pass
-            ended = wait_briefly(self.session.root_pid, 2.0)
+            ended = wait_briefly(self.session.stops.root_pid, 2.0)
             status = ended if ended is not None else status
         return status
 
@@ -118,14 +118,14 @@ class Tracer:
         if exe is None:
             raise ProbeError(f"command not found: {argv[0]}")
         s = self.session
-        s.set_targets(check_targets(self._specs, os.path.realpath(exe), s.images, None))
+        s.set_targets(check_targets(self._specs, os.path.realpath(exe), s.planter.images, None))
         # EXITKILL: if emuprobe itself is killed, the command must not run on
         # with int3s that nobody handles.
         pid = spawn_seized(argv, TRACE_OPTIONS | ptrace.PTRACE_O_EXITKILL)
-        s.root_pid = pid
+        s.stops.root_pid = pid
         status = _wait_exec(pid)
         if status is not None:  # the exec failed; the child said why on stderr
-            s.exit_status = status
+            s.stops.exit_status = status
             return
         proc = Process(pid, AddressSpace(ProcessMemory(pid)))
         try:
@@ -146,7 +146,8 @@ class Tracer:
             mapped = read_maps(pid)
         except OSError as e:
             raise ProbeError(f"PID {pid}: cannot read its executable or maps ({e.strerror})") from e
-        s.set_targets(check_targets(self._specs, exe.removesuffix(" (deleted)"), s.images, mapped))
+        exe = exe.removesuffix(" (deleted)")
+        s.set_targets(check_targets(self._specs, exe, s.planter.images, mapped))
         s.attached = True
         proc = Process(pid, AddressSpace(ProcessMemory(pid)), attached=True)
         s.reg.add_process(proc)

@@ -143,3 +143,72 @@ def children_of(pid: int) -> list[int]:
             return [int(x) for x in f.read().split()]
     except OSError:
         return []
+
+
+# -- observable process state, for tests that must wait for a process to get
+# somewhere (they poll these with wait_for; none of them sleeps a fixed time)
+
+SYS_PAUSE = 34  # x86-64
+
+
+def proc_state(pid: int) -> str:
+    """The state letter in /proc/PID/stat (R, S, t, T, Z...); "X" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            data = f.read()
+    except OSError:
+        return "X"
+    return data[data.rfind(")") + 2]
+
+
+def catches(pid: int, *signals: int) -> bool:
+    """Whether the process has a handler installed for every one of `signals` (SigCgt)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            mask = int(next(line for line in f if line.startswith("SigCgt:")).split()[1], 16)
+    except (OSError, StopIteration):
+        return False
+    return all(mask >> (s - 1) & 1 for s in signals)
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time the process's main thread has run, user and system, in ns (/proc/PID/schedstat)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def blocked_in(pid: int, nr: int) -> bool:
+    """Whether the process's main thread is blocked in system call `nr` (/proc/PID/syscall)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            return f.read().split()[0] == str(nr)
+    except (OSError, IndexError):
+        return False
+
+
+def wait_looping(pid: int, exe: Path | None = None, timeout: float = 30.0) -> bool:
+    """Wait until the loop fixture (fixtures/loop.c) runs its loop: it has
+    installed its SIGTERM and SIGINT handlers, the last thing main does before
+    the loop (so a signal now makes it print its line), and has run 1 ms of
+    CPU since.  With `exe`, /proc/PID/exe must be that file (not the parent
+    Python between fork and exec).  False if it died or the deadline passed."""
+
+    def gone() -> bool:
+        return proc_state(pid) in "ZX"
+
+    def in_main() -> bool:
+        if exe is not None:
+            try:
+                if os.readlink(f"/proc/{pid}/exe") != str(exe):
+                    return False
+            except OSError:
+                return False
+        return catches(pid, signal.SIGTERM, signal.SIGINT)
+
+    if not wait_for(lambda: gone() or in_main(), timeout) or gone():
+        return False
+    try:
+        start = cpu_ns(pid)
+        return wait_for(lambda: gone() or cpu_ns(pid) >= start + 1_000_000, timeout) and not gone()
+    except OSError:
+        return False

@@ -54,7 +54,7 @@ def test_handler_base_exception_leaves_the_tracee_exact(capfd, exc):
     t.probe("f_push", handler)  # push rbp: resumed one byte in, the push is skipped
     with pytest.raises(exc):
         t.run()
-    pid = t.session.root_pid
+    pid = t.session.stops.root_pid
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
     assert capfd.readouterr().out == plain

@@ -7,12 +7,12 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 import fixturebuild as fb
+from conftest import SYS_PAUSE, blocked_in, wait_for, wait_looping
 
 VARIANTS = list(fb.VARIANTS)
 
@@ -149,11 +149,10 @@ def test_loop_runs_for_seconds(variant: str) -> None:
 
 
 def test_loop_stops_on_sigterm() -> None:
-    proc = subprocess.Popen(
-        [str(fb.build("loop", "O2-pie")), "0"], stdout=subprocess.PIPE, text=True
-    )
+    exe = fb.build("loop", "O2-pie")
+    proc = subprocess.Popen([str(exe), "0"], stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.3)
+        assert wait_looping(proc.pid, exe), "the loop never reached its loop"
         assert proc.poll() is None, "loop exited before SIGTERM"
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=10)
@@ -173,8 +172,9 @@ def test_firstinsn_pause_mode() -> None:
         assert proc.stdout is not None
         lines = [proc.stdout.readline() for _ in range(len(fb.FIRSTINSN_FUNCS) + 3)]
         assert "".join(lines) == fb.expected_stdout("firstinsn", "5", "pause")
-        time.sleep(0.1)
+        wait_for(lambda: proc.poll() is not None or blocked_in(proc.pid, SYS_PAUSE))
         assert proc.poll() is None, "pause mode must wait to be killed"
+        assert blocked_in(proc.pid, SYS_PAUSE), "pause mode must wait in pause()"
     finally:
         proc.kill()
         proc.wait()

@@ -11,12 +11,11 @@ import os
 import pwd
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import EMUPROBE, children_of, wait_for
+from conftest import EMUPROBE, children_of, wait_for, wait_looping
 from emuprobe.sys.maps import read_maps
 from fixturebuild import build, run, symbol_vaddr
 
@@ -53,8 +52,7 @@ def state(pid: int) -> str:
 def start_loop(procs, variant="O2-pie"):
     exe = build("loop", variant)
     target = procs.start([str(exe), "0"])
-    assert wait_for(lambda: os.path.exists(f"/proc/{target.pid}/maps"))
-    time.sleep(0.1)
+    assert wait_looping(target.pid, exe), "the loop never reached its loop"
     return exe, target
 
 
@@ -67,14 +65,18 @@ def finish_loop(target) -> str:
 @pytest.mark.parametrize("stop_with", [signal.SIGINT, signal.SIGTERM])
 def test_attach_trace_detach_leaves_process_unharmed(tmp_path, procs, stop_with):
     exe, target = start_loop(procs)
-    stats = tmp_path / "s.json"
-    tracer = procs.start(
-        [*EMUPROBE, "trace", "--stats-json", str(stats), "-p", str(target.pid), "loop_func"]
-    )
+    stats, printed = tmp_path / "s.json", tmp_path / "out.txt"
+    with open(printed, "w") as stdout:  # a file, so that the lines can be counted meanwhile
+        tracer = procs.start(
+            [*EMUPROBE, "trace", "--stats-json", str(stats), "-p", str(target.pid), "loop_func"],
+            stdout=stdout,
+        )
     assert wait_for(lambda: tracer_pid(target.pid) == tracer.pid)
-    time.sleep(1.0)
+    # emuprobe prints a line per hit: stop it once more than 100 are out
+    assert wait_for(lambda: _lines(printed) > 100, timeout=60)
     tracer.send_signal(stop_with)
-    out, err = tracer.communicate(timeout=30)
+    _, err = tracer.communicate(timeout=30)
+    out = printed.read_text()
     assert tracer.returncode == 0, err
     assert tracer_pid(target.pid) == 0
     assert text_matches_file(target.pid, exe, ["loop_func", "main"])
@@ -84,15 +86,43 @@ def test_attach_trace_detach_leaves_process_unharmed(tmp_path, procs, stop_with)
     assert "checksum_ok=1" in finish_loop(target)
 
 
+def _lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return f.read().count(b"\n")
+
+
+def _voluntary_switches(pid: int) -> dict[int, int]:
+    """Each thread's voluntary context switches: a spinning thread makes one
+    at each ptrace stop, so at each hit on our int3."""
+    counts = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                line = next(x for x in f if x.startswith("voluntary_ctxt_switches:"))
+        except (OSError, StopIteration):
+            continue  # the thread is gone
+        counts[int(tid)] = int(line.split()[1])
+    return counts
+
+
+def _workers_trapping(pid: int, before: dict[int, int]) -> bool:
+    """Every worker thread stopped 50 times since `before`: far more than
+    being attached takes, so each is hitting our int3 over and over."""
+    now = _voluntary_switches(pid)
+    return all(now.get(t, 0) - n >= 50 for t, n in before.items() if t != pid)
+
+
 def test_detach_while_threads_are_trapped(tmp_path, procs):
     """Threads already stopped on our int3 at detach must be rewound, not killed."""
     exe = build("threads", "O2-pie")
     for _ in range(3):
         target = procs.start([str(exe), "2000000000"])
-        time.sleep(0.05)
+        # the main thread and its 8 workers, all started
+        assert wait_for(lambda: len(_voluntary_switches(target.pid)) == 9)  # noqa: B023
+        before = _voluntary_switches(target.pid)
         tracer = procs.start([*EMUPROBE, "trace", "--count", "-p", str(target.pid), "work"])
         assert wait_for(lambda: tracer_pid(target.pid) == tracer.pid)  # noqa: B023
-        time.sleep(0.3)
+        assert wait_for(lambda: _workers_trapping(target.pid, before), timeout=60)  # noqa: B023
         tracer.send_signal(signal.SIGINT)
         tracer.communicate(timeout=60)
         assert tracer.returncode == 0
@@ -120,8 +150,9 @@ def spawn_loop(procs):
         return [c for c in children_of(tracer.pid) if _exe(c) == str(exe)]
 
     assert wait_for(lambda: bool(loop_child()))
-    time.sleep(0.3)
-    return tracer, loop_child()[0]
+    child = loop_child()[0]
+    assert wait_looping(child, exe), "the traced loop never reached its loop"
+    return tracer, child
 
 
 def _exe(pid: int) -> str:
@@ -144,13 +175,35 @@ def test_group_stop_is_kept(procs):
     os.kill(child, signal.SIGSTOP)
     assert wait_for(lambda: state(child) in "Tt")
     ticks = _cpu_ticks(child)
-    time.sleep(0.5)
+    # emuprobe has taken the stop and gone back to waiting, the command still
+    # stopped: a command it resumed would hit loop_func and wake it at once
+    assert wait_for(lambda: _settled(tracer.pid, child)), "emuprobe never settled"
     assert state(child) in "Tt" and _cpu_ticks(child) == ticks  # stayed stopped
     os.kill(child, signal.SIGCONT)
     assert wait_for(lambda: _cpu_ticks(child) > ticks)
     os.kill(child, signal.SIGTERM)
     out, err = tracer.communicate(timeout=30)
     assert "checksum_ok=1" in out, err
+
+
+def _settled(tracer: int, child: int) -> bool:
+    """Two looks in a row at both processes see the same thing: every thread
+    of the tracer asleep, the child stopped, and not one of them switched in
+    or out in between (no context-switch count moved)."""
+    tasks = [f"/proc/{tracer}/task/{tid}" for tid in os.listdir(f"/proc/{tracer}/task")]
+    first = [_task_look(t) for t in [*tasks, f"/proc/{child}"]]
+    *tracer_threads, child_look = first
+    if child_look[0] not in "tT" or any(look[0] != "S" for look in tracer_threads):
+        return False
+    return [_task_look(t) for t in [*tasks, f"/proc/{child}"]] == first
+
+
+def _task_look(task: str) -> tuple[str, str, str]:
+    """A task's state letter and its voluntary and involuntary context switches."""
+    with open(f"{task}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return (fields["State"].split()[0], fields["voluntary_ctxt_switches"].strip(),
+            fields["nonvoluntary_ctxt_switches"].strip())  # fmt: skip
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import time
 
 import pytest
 
 import fixturebuild as fb
-from conftest import EMUPROBE, children_of, hits, run_traced, wait_for
+from conftest import EMUPROBE, SYS_PAUSE, blocked_in, children_of, hits, run_traced, wait_for
 from emuprobe.perfbridge import kernel
 
 _OK, _WHY = kernel.available()
@@ -100,7 +99,7 @@ def _maps_when_paused(argv: list[str], procs_started: list, traced: bool = False
     if traced:  # the fixture is emuprobe's child
         assert wait_for(lambda: bool(children_of(p.pid)))
         pid = children_of(p.pid)[0]
-    time.sleep(0.1)
+    assert wait_for(lambda: blocked_in(pid, SYS_PAUSE))  # waiting in pause(), as it stays
     with open(f"/proc/{pid}/maps") as f:
         return [re.sub(r"\s+", " ", line.strip()) for line in f]
 

@@ -58,7 +58,8 @@ class HeldSites:
             if site is None:
                 self._plant(aspace, addr)
             else:
-                self._session.add_probe(site, self._probe)  # a user probe's site: share its int3
+                # a user probe's site: share its int3
+                self._session.planter.add_probe(site, self._probe)
         except (ProbeError, OSError) as e:
             self._warn(f"return probe: no int3 at return site {addr:#x}: {e}")
             return False
@@ -69,11 +70,11 @@ class HeldSites:
         m = aspace.memory.region(addr)
         if m is None or not (m.is_file and m.executable):
             raise ProbeError("not in a mapped file's code (JIT or vdso?)")
-        image = self._session.images.open(m.path)
+        image = self._session.planter.images.open(m.path)
         if image.identity != (m.dev, m.inode):
             raise ProbeError(f"{m.path} changed on disk since it was mapped")
         file_offset = m.offset + (addr - m.start)
-        site = self._session.site_for(image, image.offset_to_vaddr(file_offset), file_offset,
+        site = self._session.planter.site(image, image.offset_to_vaddr(file_offset), file_offset,
                                    self._probe)
         aspace.plant(site, addr)
 

@@ -122,7 +122,7 @@ class Unwinder:
         if m is None or not (m.is_file and m.executable):
             return None
         try:
-            image = self.session.images.open(m.path)
+            image = self.session.planter.images.open(m.path)
         except ProbeError:
             return None
         return image if image.identity == (m.dev, m.inode) else None
