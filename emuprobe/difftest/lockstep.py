@@ -49,15 +49,14 @@ class RecordingMemory(ProcessMemory):
         self.stores.append((addr, bytes(data)))
 
 
-class RecordingFp:
-    """FpAccess that reads the thread's FP state and records what is set."""
+class RecordingFp(pt.ThreadFp):
+    """FP access that reads the thread's state and records what is set."""
+
+    __slots__ = ("written",)
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self.written: pt.UserFpRegs | None = None
-
-    def get(self) -> pt.UserFpRegs:
-        return pt.getfpregs(self.pid)
 
     def set(self, fp: pt.UserFpRegs) -> None:
         self.written = pt.UserFpRegs.from_buffer_copy(fp)

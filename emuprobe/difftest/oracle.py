@@ -56,20 +56,22 @@ _libc.mmap.argtypes = (
 )  # fmt: skip
 
 
-class PtraceFp:
-    """FpAccess over PTRACE_GETFPREGS/SETFPREGS, counting calls (as a hit's is)."""
+class PtraceFp(pt.ThreadFp):
+    """The hit path's FP access, counting calls."""
+
+    __slots__ = ("gets", "sets")
 
     def __init__(self, pid: int) -> None:
-        self.pid = pid
+        super().__init__(pid)
         self.gets = self.sets = 0
 
     def get(self) -> pt.UserFpRegs:
         self.gets += 1
-        return pt.getfpregs(self.pid)
+        return super().get()
 
     def set(self, fp: pt.UserFpRegs) -> None:
         self.sets += 1
-        pt.setfpregs(self.pid, fp)
+        super().set(fp)
 
 
 @dataclass

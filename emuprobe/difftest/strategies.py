@@ -39,9 +39,8 @@ from emuprobe.difftest.cases import BOUNDARY64, FILL_RANDOM, Case
 from emuprobe.difftest.opcodes import LEGACY_PREFIXES, opcode_maps, real_code
 from emuprobe.difftest.oracle import CODE, CODE_LEN, DATA, DATA_LEN, RO, RO_LEN, SITE
 from emuprobe.difftest.runner import decode, unsafe_natively
-from emuprobe.x86.regs import GPR_NAMES, full_register
+from emuprobe.x86.regs import GPR_NAMES, MASK64, full_register
 
-MASK64 = (1 << 64) - 1
 STACK = DATA + 0x2000
 
 # map name -> share of generated encodings, in percent

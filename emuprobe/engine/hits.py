@@ -24,25 +24,11 @@ from emuprobe.errors import OutputClosed
 from emuprobe.exec.execute import Emulated, Emulator
 from emuprobe.exec.xolinsn import prepare
 from emuprobe.sys import ptrace
+from emuprobe.sys.tasks import read_comm
 from emuprobe.x86.decode import NativeStep, analyze
 from emuprobe.x86.regs import TF
 
 _SI_ADDR_OFFSET = 16  # siginfo_t: si_signo, si_errno, si_code, padding, then si_addr
-
-
-class _FpAccess:
-    """Lazy PTRACE_GETFPREGS: most instructions never need XMM state."""
-
-    __slots__ = ("tid",)
-
-    def __init__(self, tid: int) -> None:
-        self.tid = tid
-
-    def get(self) -> ptrace.UserFpRegs:
-        return ptrace.getfpregs(self.tid)
-
-    def set(self, fp: ptrace.UserFpRegs) -> None:
-        ptrace.setfpregs(self.tid, fp)
 
 
 class Hits:
@@ -78,7 +64,7 @@ class Hits:
         native = type(plan) is NativeStep
         if self._emulate and not native:
             done = self.emulator.step(
-                plan, code, regs, thread.process.aspace.memory, _FpAccess(thread.tid)
+                plan, code, regs, thread.process.aspace.memory, ptrace.ThreadFp(thread.tid)
             )
             if isinstance(done, Emulated):
                 ptrace.setregs(thread.tid, regs)
@@ -109,7 +95,7 @@ class Hits:
         site.hits += 1
         proc = thread.process
         if not thread.comm:
-            thread.comm = _read_comm(proc.pid, thread.tid) or proc.comm
+            thread.comm = read_comm(proc.pid, thread.tid) or proc.comm
         event = None
         for probe in site.probes:
             probe.hits += 1
@@ -183,11 +169,3 @@ def _single_step_trap(tid: int, rip: int) -> int:
     ctypes.memmove(ctypes.addressof(info) + _SI_ADDR_OFFSET, rip.to_bytes(8, "little"), 8)
     ptrace.setsiginfo(tid, info)
     return signal.SIGTRAP
-
-
-def _read_comm(pid: int, tid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/task/{tid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return ""

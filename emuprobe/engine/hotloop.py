@@ -20,16 +20,14 @@ from emuprobe.engine.tracee import Thread
 from emuprobe.exec.cmachine import CMachine
 from emuprobe.sys import ptrace
 from emuprobe.sys.maps import PROT_EXEC, PROT_READ, PROT_WRITE
+from emuprobe.sys.ptrace import reg_offset
 from emuprobe.x86.decode import FastPath, UnicornStep
+from emuprobe.x86.regs import MASK64
 
 OPS = {"nop": 0, "push": 1, "mov": 2, "jmp": 3, "call": 4, "load": 5, "store": 6, "sse": 7}
 BASE_RIP = 0xFFFF  # hotloop.c: a load/store address based on the next instruction
 MAX_SITES = 4096
-MASK64 = (1 << 64) - 1
 
-
-def _offset(field: str) -> int:
-    return int(getattr(ptrace.UserRegs, field).offset)
 
 
 def _access(plan: FastPath, after: ptrace.UserRegs, addr: int) -> tuple[int, bool] | None:
@@ -116,9 +114,9 @@ class HotLoop:
         if index is None:
             return
         target = regs.rip if op in (OPS["jmp"], OPS["call"]) else 0
-        src = _offset(plan.src) if plan.src else 0
-        dst = _offset(plan.dst) if plan.dst else 0
-        base = BASE_RIP if plan.base == "rip" else _offset(plan.base) if plan.base else 0
+        src = reg_offset(plan.src) if plan.src else 0
+        dst = reg_offset(plan.dst) if plan.dst else 0
+        base = BASE_RIP if plan.base == "rip" else reg_offset(plan.base) if plan.base else 0
         disp = plan.imm if plan.base else 0
         self._lib.hot_add_site(
             aid, addr, op, plan.length, src, dst, target & MASK64, index, base, disp, plan.size,

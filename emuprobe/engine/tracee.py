@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from emuprobe.engine.sites import AddressSpace
+from emuprobe.sys.tasks import read_comm
 
 
 @dataclass(eq=False)
@@ -17,11 +18,7 @@ class Process:
     comm: str = ""
 
     def read_comm(self) -> str:
-        try:
-            with open(f"/proc/{self.pid}/comm") as f:
-                self.comm = f.read().strip()
-        except OSError:
-            pass
+        self.comm = read_comm(self.pid) or self.comm
         return self.comm
 
 

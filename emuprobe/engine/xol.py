@@ -21,8 +21,9 @@ from emuprobe.engine.stepping import StepOutcome, single_step
 from emuprobe.engine.tracee import Thread
 from emuprobe.exec.xolinsn import XolInsn, prepare
 from emuprobe.sys import ptrace
+from emuprobe.sys.maps import PAGE
+from emuprobe.x86.regs import MASK64
 
-PAGE = 0x1000
 SLOT = 16  # an instruction is at most 15 bytes; slots never overlap
 # Where the kernel first tries to put its [uprobes] page: TASK_SIZE - PAGE_SIZE.
 # A hint only: mmap picks another address if this one is taken.
@@ -31,7 +32,6 @@ SYSCALL = b"\x0f\x05"
 SYS_MMAP = 9
 PROT_READ_EXEC = 0x1 | 0x4
 MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
-MASK64 = (1 << 64) - 1
 
 
 @dataclass

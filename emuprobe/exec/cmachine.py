@@ -22,7 +22,7 @@ from unicorn.unicorn_py3.unicorn import uclib
 from emuprobe.exec.machine import FpAccess, new_engine
 from emuprobe.sys.maps import MapsIndex
 from emuprobe.sys.memory import PlantedBytes, ProcessMemory
-from emuprobe.sys.ptrace import UserRegs
+from emuprobe.sys.ptrace import UserRegs, reg_offset
 from emuprobe.x86.decode import UnicornStep
 from emuprobe.x86.regs import EMULATED_FLAGS, MXCSR, RESERVED_ONE, XMMS
 
@@ -43,9 +43,6 @@ def compiled_module() -> Any | None:
         return None
     return _hotloop
 
-
-def _offset(field: str) -> int:
-    return int(getattr(UserRegs, field).offset)
 
 
 def _fn(name: str) -> int:
@@ -212,7 +209,7 @@ class CMachine:
         p.nregs = len(plan.regs)
         for i, (uc, field) in enumerate(zip(plan.regs, plan.fields, strict=True)):
             p.uc_ids[i] = uc
-            p.offs[i] = _offset(field)
+            p.offs[i] = reg_offset(field)
         p.rip_i = plan.fields.index("rip")
         p.eflags_i = plan.fields.index("eflags")
         p.nxmm = len(plan.xmm)
@@ -226,14 +223,15 @@ class CMachine:
         p.nrefs = len(plan.mem)
         for i, ref in enumerate(plan.mem):
             r = p.refs[i]
-            r.base = _RIP_BASE if ref.base == "rip" else _offset(ref.base) if ref.base else _NO_REG
-            r.index = _offset(ref.index) if ref.index else _NO_REG
-            r.seg = _offset(ref.seg) if ref.seg else _NO_REG
-            r.bitreg = _offset(ref.bitreg) if ref.bitreg else _NO_REG
+            base = reg_offset(ref.base) if ref.base and ref.base != "rip" else _NO_REG
+            r.base = _RIP_BASE if ref.base == "rip" else base
+            r.index = reg_offset(ref.index) if ref.index else _NO_REG
+            r.seg = reg_offset(ref.seg) if ref.seg else _NO_REG
+            r.bitreg = reg_offset(ref.bitreg) if ref.bitreg else _NO_REG
             r.disp, r.scale, r.bitsize, r.a32 = ref.disp, ref.scale, ref.bitsize, ref.a32
         p.nimplicit = len(plan.implicit)
         for i, name in enumerate(plan.implicit):
-            p.implicit[i] = _offset(name)
+            p.implicit[i] = reg_offset(name)
         p.emulated_flags, p.reserved_one = EMULATED_FLAGS, RESERVED_ONE
         return p
 

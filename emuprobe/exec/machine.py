@@ -46,14 +46,13 @@ from unicorn import (
 from unicorn import x86_const as ucx
 from unicorn.unicorn_py3.unicorn import uclib
 
-from emuprobe.sys.maps import PROT_EXEC, PROT_READ, PROT_WRITE
+from emuprobe.sys.maps import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
 from emuprobe.sys.memory import ProcessMemory
 from emuprobe.sys.ptrace import UserFpRegs, UserRegs
 from emuprobe.x86 import addresses, policy
 from emuprobe.x86.decode import UnicornStep
 from emuprobe.x86.regs import EMULATED_FLAGS, MASK64, MXCSR, RESERVED_ONE, XMMS, canonical
 
-PAGE = 0x1000
 _OFF = PAGE - 1
 HLT = b"\xf4"
 MAX_PAGES = 256  # beyond this, drop every page and translation block at the next hit

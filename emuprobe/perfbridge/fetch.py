@@ -23,10 +23,10 @@ from emuprobe.spec.fetchargs import (
     Retval,
     Stack,
 )
+from emuprobe.sys.maps import PAGE
 
 Value = int | str | None  # None: a string that could not be read
 _MAX_STRING = 4096  # MAX_STRING_SIZE (PATH_MAX) in the kernel
-_PAGE = 4096
 
 
 class _Fault(Exception):
@@ -135,7 +135,7 @@ def _read_string(ctx: FetchContext, addr: int) -> str:
     out = b""
     while len(out) < _MAX_STRING:
         # Page by page: the string may end just before an unmapped page.
-        n = min(_PAGE - (addr + len(out)) % _PAGE, 256, _MAX_STRING - len(out))
+        n = min(PAGE - (addr + len(out)) % PAGE, 256, _MAX_STRING - len(out))
         chunk = _read(ctx, addr + len(out), n)
         nul = chunk.find(b"\0")
         if nul >= 0:

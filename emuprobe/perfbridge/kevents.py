@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from emuprobe.engine.tracee import Process
 from emuprobe.errors import ProbeError
 from emuprobe.perfbridge.record import Record
-from emuprobe.sys.tasks import list_threads
+from emuprobe.sys.tasks import list_threads, read_comm
 
 _NR_PERF_EVENT_OPEN = 298  # x86-64
 _PERF_TYPE_TRACEPOINT = 2
@@ -269,12 +269,7 @@ class KernelEvents:
     def _comm(self, pid: int, tid: int) -> str:
         comm = self._comms.get(tid)
         if comm is None:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                    comm = f.read().strip()
-            except OSError:
-                comm = ""
-            self._comms[tid] = comm
+            comm = self._comms[tid] = read_comm(pid, tid)
         return comm
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ PROT_READ = 1
 PROT_WRITE = 2
 PROT_EXEC = 4
 
+PAGE = 0x1000  # x86-64's base page
+
 
 @dataclass(frozen=True)
 class Mapping:

@@ -166,6 +166,27 @@ def geteventmsg(tid: int) -> int:
     return msg.value
 
 
+def reg_offset(field: str) -> int:
+    """The byte offset of `field` in struct user_regs_struct (for the C code)."""
+    return int(getattr(UserRegs, field).offset)
+
+
+class ThreadFp:
+    """A thread's FP/SSE state through PTRACE_GETFPREGS/SETFPREGS, read only
+    when an instruction asks (most never need XMM state)."""
+
+    __slots__ = ("tid",)
+
+    def __init__(self, tid: int) -> None:
+        self.tid = tid
+
+    def get(self) -> UserFpRegs:
+        return getfpregs(self.tid)
+
+    def set(self, fp: UserFpRegs) -> None:
+        setfpregs(self.tid, fp)
+
+
 def waitpid(pid: int = -1, options: int = 0) -> tuple[int, int]:
     """waitpid with __WALL so that thread stops are never missed."""
     return os.waitpid(pid, options | WALL)

@@ -56,6 +56,16 @@ def trap_pending(tid: int) -> bool:
     return bool(_status_mask(tid, "SigPnd:") & bit) and not _status_mask(tid, "SigBlk:") & bit
 
 
+def read_comm(pid: int, tid: int | None = None) -> str:
+    """The command name of process `pid` (or of its thread `tid`); "" if gone."""
+    path = f"/proc/{pid}/comm" if tid is None else f"/proc/{pid}/task/{tid}/comm"
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def tgid_of(tid: int) -> int | None:
     return _status_field(tid, "Tgid:")
 
