@@ -22,7 +22,6 @@ from emuprobe.engine.tracee import Thread
 from emuprobe.engine.xol import Xol
 from emuprobe.errors import OutputClosed
 from emuprobe.exec.execute import Emulated, Emulator
-from emuprobe.exec.xolinsn import prepare
 from emuprobe.sys import ptrace
 from emuprobe.sys.tasks import read_comm
 from emuprobe.x86.decode import NativeStep, analyze
@@ -82,9 +81,9 @@ class Hits:
                 _count(site, emulated=False, followed=followed)
                 resume_after_step(self.reg, thread, outcome)
                 return
-        # A rep string op traps after every iteration: step it to completion
-        # whatever its plan (a NativeStep plan carries no rep flag).
-        outcome = native_step(self.reg, thread, addr, regs, prepare(code).rep,
+        # A rep string op traps after every iteration: step it to completion.
+        rep = bool(getattr(plan, "rep", False))  # FastPath ops never repeat
+        outcome = native_step(self.reg, thread, addr, regs, rep,
                               stop_world=self._stop_world, program_tf=program_tf)  # fmt: skip
         _count(site, emulated=False, followed=followed)
         resume_after_step(self.reg, thread, outcome)

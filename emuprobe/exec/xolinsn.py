@@ -30,6 +30,8 @@ from typing import Literal
 import capstone
 from capstone import x86_const as csx
 
+from emuprobe.x86.decode import repeats
+
 Kind = Literal["plain", "jump", "cond", "call", "call_indirect"]
 
 # The registers a RIP-relative operand can be rebased on without a REX.B bit,
@@ -51,12 +53,6 @@ _REFUSED = {
     "iretq": "iret",
     "iretd": "iret",
 }
-_STRING = frozenset(
-    "movs movsb movsw movsd movsq stos stosb stosw stosd stosq lods lodsb lodsw lodsd lodsq"
-    " scas scasb scasw scasd scasq cmps cmpsb cmpsw cmpsd cmpsq ins insb insw insd"
-    " outs outsb outsw outsd".split()
-)
-
 _cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 _cs.detail = True
 
@@ -91,7 +87,7 @@ def prepare(code: bytes) -> XolInsn:
     if why is not None:
         return XolInsn(size, refused=why, text=text)
     slot = bytearray(code[:size])
-    rep = insn.prefix[0] in (0xF2, 0xF3) and base in _STRING
+    rep = repeats(insn)
     scratch = ""
     if any(op.type == csx.X86_OP_MEM and op.mem.base == csx.X86_REG_RIP for op in insn.operands):
         scratch_or_why = _rebase(insn, slot, code)

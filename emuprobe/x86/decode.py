@@ -84,6 +84,7 @@ class NativeStep:
     length: int = 0
     mnemonic: str = ""
     text: str = ""
+    rep: bool = False  # rep-prefixed string op: step it until RIP leaves
 
 
 Plan = FastPath | UnicornStep | NativeStep
@@ -127,16 +128,23 @@ def analyze(
     text = f"{insn.mnemonic} {insn.op_str}".strip()
     if policy_check:
         reason = _refusal(insn, code)
+        if reason is None and trusted_only:
+            reason = trust.verdict(insn)
         if reason is not None:
-            return NativeStep(reason, insn.size, insn.mnemonic, text)
-        untrusted = trust.verdict(insn) if trusted_only else None
-        if untrusted is not None:
-            return NativeStep(untrusted, insn.size, insn.mnemonic, text)
+            return NativeStep(reason, insn.size, insn.mnemonic, text, repeats(insn))
     if fast:
         fp = _fast_path(insn, text) or _host_sse(insn, code, text)
         if fp is not None:
             return fp
     return _unicorn_step(insn, text, policy_check)
+
+
+def repeats(insn: capstone.CsInsn) -> bool:
+    """A rep/repne string instruction: it traps after every iteration when
+    stepped, with RIP still on it (movsd/cmpsd with XMM operands are SSE)."""
+    base = insn.mnemonic.split()[-1]
+    return (insn.prefix[0] in (0xF2, 0xF3) and base in policy.STRING_OPS
+            and "xmm" not in insn.op_str)  # fmt: skip
 
 
 def _refusal(insn: capstone.CsInsn, code: bytes) -> str | None:
@@ -399,7 +407,7 @@ def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
         bool(xmm) and base not in policy.SSE_UNALIGNED_OK and any(op.size == 16 for op in mem_ops)
     )
     gprs = tuple(r for r in used.values() if r.field is not None)
-    rep = insn.prefix[0] in (0xF2, 0xF3) and base in policy.STRING_OPS and not xmm
+    rep = repeats(insn)
     refs, implicit = mem_refs(insn)
     branch = any(g in _BRANCH_GROUPS for g in insn.groups) or base.startswith("loop")
     return UnicornStep(

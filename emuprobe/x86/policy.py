@@ -253,7 +253,7 @@ SSE_GROUPS: frozenset[int] = frozenset(
 STRING_OPS: frozenset[str] = frozenset(
     """
     movsb movsw movsd movsq stosb stosw stosd stosq lodsb lodsw lodsd lodsq
-    scasb scasw scasd scasq cmpsb cmpsw cmpsd cmpsq
+    scasb scasw scasd scasq cmpsb cmpsw cmpsd cmpsq insb insw insd outsb outsw outsd
     """.split()
 )
 
