@@ -9,6 +9,8 @@ first.  On refusal nothing has been changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from emuprobe.sys.maps import PROT_EXEC, PROT_READ, PROT_WRITE
 from emuprobe.sys.memory import ProcessMemory
 from emuprobe.sys.ptrace import UserRegs
@@ -23,69 +25,95 @@ def execute(plan: FastPath, regs: UserRegs, mem: ProcessMemory) -> str | None:
 
     Returns None when done, or the reason it refused (with nothing changed).
     """
-    op = plan.op
-    nxt = (regs.rip + plan.length) & MASK64
-    if op == "nop":
-        regs.rip = nxt
-    elif op == "push":
-        sp = (regs.rsp - 8) & MASK64
-        value = getattr(regs, plan.src)  # push rsp pushes the old value
-        reason = store(mem, sp, value.to_bytes(8, "little"))
-        if reason is not None:
-            return reason
-        regs.rsp = sp
-        regs.rip = nxt
-    elif op == "mov":
-        setattr(regs, plan.dst, getattr(regs, plan.src))
-        regs.rip = nxt
-    elif op == "sub_rsp" or op == "add_rsp":
-        a, b = regs.rsp, plan.imm
-        if op == "add_rsp":
-            full = a + b
-            r = full & MASK64
-            flags = CF if full >> 64 else 0
-            flags |= OF if ((a ^ r) & (b ^ r)) >> 63 else 0
-        else:
-            r = (a - b) & MASK64
-            flags = CF if a < b else 0
-            flags |= OF if ((a ^ b) & (a ^ r)) >> 63 else 0
-        flags |= _PARITY[r & 0xFF] | ((a ^ b ^ r) & AF) | (SF if r >> 63 else 0)
-        flags |= ZF if r == 0 else 0
-        regs.rsp = r
-        regs.eflags = (regs.eflags & ~ARITH_FLAGS) | flags
-        regs.rip = nxt
-    elif op == "load":
-        at = address(plan, regs)
-        loaded = load(mem, at, plan.size)
-        if isinstance(loaded, str):
-            return loaded
-        setattr(regs, plan.dst, int.from_bytes(loaded, "little"))  # 32-bit: zero-extended
-        regs.rip = nxt
-    elif op == "store":
-        at = address(plan, regs)
-        value = getattr(regs, plan.src) & ((1 << 8 * plan.size) - 1)
-        reason = store(mem, at, value.to_bytes(plan.size, "little"))
-        if reason is not None:
-            return reason
-        regs.rip = nxt
-    elif op == "jmp":
-        target = (nxt + plan.imm) & MASK64
-        if not canonical(target):
-            return f"branch to non-canonical {target:#x} (#GP)"
-        regs.rip = target
-    elif op == "call":
-        target = (nxt + plan.imm) & MASK64
-        if not canonical(target):
-            return f"branch to non-canonical {target:#x} (#GP)"
-        sp = (regs.rsp - 8) & MASK64
-        reason = store(mem, sp, nxt.to_bytes(8, "little"))
-        if reason is not None:
-            return reason
-        regs.rsp = sp
-        regs.rip = target
-    else:  # pragma: no cover - decode.py produces no other op
-        return f"unknown fast path {op!r}"
+    run = _OPS.get(plan.op)
+    if run is None:  # pragma: no cover - decode.py produces no other op
+        return f"unknown fast path {plan.op!r}"
+    return run(plan, regs, mem, (regs.rip + plan.length) & MASK64)
+
+
+# Each op: (plan, regs, memory, address of the next instruction) -> refusal or None.
+# Registers change only after every check and store has succeeded.
+
+
+def _nop(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    regs.rip = nxt
     return None
+
+
+def _push(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    sp = (regs.rsp - 8) & MASK64
+    value = getattr(regs, plan.src)  # push rsp pushes the old value
+    reason = store(mem, sp, value.to_bytes(8, "little"))
+    if reason is None:
+        regs.rsp, regs.rip = sp, nxt
+    return reason
+
+
+def _mov(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    setattr(regs, plan.dst, getattr(regs, plan.src))
+    regs.rip = nxt
+    return None
+
+
+def _add_sub_rsp(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    a, b = regs.rsp, plan.imm
+    if plan.op == "add_rsp":
+        full = a + b
+        r = full & MASK64
+        flags = CF if full >> 64 else 0
+        flags |= OF if ((a ^ r) & (b ^ r)) >> 63 else 0
+    else:
+        r = (a - b) & MASK64
+        flags = CF if a < b else 0
+        flags |= OF if ((a ^ b) & (a ^ r)) >> 63 else 0
+    flags |= _PARITY[r & 0xFF] | ((a ^ b ^ r) & AF) | (SF if r >> 63 else 0)
+    flags |= ZF if r == 0 else 0
+    regs.rsp = r
+    regs.eflags = (regs.eflags & ~ARITH_FLAGS) | flags
+    regs.rip = nxt
+    return None
+
+
+def _load(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    loaded = load(mem, address(plan, regs), plan.size)
+    if isinstance(loaded, str):
+        return loaded
+    setattr(regs, plan.dst, int.from_bytes(loaded, "little"))  # 32-bit: zero-extended
+    regs.rip = nxt
+    return None
+
+
+def _store(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    value = getattr(regs, plan.src) & ((1 << 8 * plan.size) - 1)
+    reason = store(mem, address(plan, regs), value.to_bytes(plan.size, "little"))
+    if reason is None:
+        regs.rip = nxt
+    return reason
+
+
+def _jmp(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    target = (nxt + plan.imm) & MASK64
+    if not canonical(target):
+        return f"branch to non-canonical {target:#x} (#GP)"
+    regs.rip = target
+    return None
+
+
+def _call(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    target = (nxt + plan.imm) & MASK64
+    if not canonical(target):
+        return f"branch to non-canonical {target:#x} (#GP)"
+    sp = (regs.rsp - 8) & MASK64
+    reason = store(mem, sp, nxt.to_bytes(8, "little"))
+    if reason is None:
+        regs.rsp, regs.rip = sp, target
+    return reason
+
+
+_OPS: dict[str, Callable[[FastPath, UserRegs, ProcessMemory, int], str | None]] = {
+    "nop": _nop, "push": _push, "mov": _mov, "add_rsp": _add_sub_rsp, "sub_rsp": _add_sub_rsp,
+    "load": _load, "store": _store, "jmp": _jmp, "call": _call,
+}  # fmt: skip
 
 
 def address(plan: FastPath, regs: UserRegs) -> int:
