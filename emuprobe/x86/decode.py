@@ -226,26 +226,20 @@ def _fast_load_store(insn: capstone.CsInsn, text: str) -> FastPath | None:
                     imm=m.disp, base=base.name, size=mem.size)  # fmt: skip
 
 
-def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
-    mnem = insn.mnemonic
-    base = mnem.split()[-1]
-
-    def native(reason: str) -> NativeStep:
-        return NativeStep(reason, insn.size, mnem, text)
-
+def _registers_used(insn: capstone.CsInsn, base: str) -> dict[str, Register] | str:
+    """Every register `insn` reads or writes, by name (fs_base/gs_base for an
+    fs:/gs: operand); or why one of them cannot be transferred."""
     read_ids, write_ids = insn.regs_access()
     used: dict[str, Register] = {"rip": RIP, "eflags": EFLAGS}
-    fs = gs = False
     mem_ops = [op for op in insn.operands if op.type == csx.X86_OP_MEM]
     segments = {op.mem.segment for op in mem_ops}
-
     for ids, is_write in ((read_ids, False), (write_ids, True)):
         for rid in ids:
             reg = full_register(rid)
             if reg is None:
                 if not is_write and rid in segments:
                     continue  # a segment override: fs/gs become a base below, the rest are 0
-                return native(_register_reason(insn.reg_name(rid)))
+                return _register_reason(insn.reg_name(rid))
             used[reg.name] = reg
     # regs_access() misses explicit operands too (capstone 5: `test [m], eax`
     # lists neither eax nor rflags), so add every register the operands name.
@@ -254,30 +248,34 @@ def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
         if op.type == csx.X86_OP_REG:
             reg = full_register(op.reg)
             if reg is None:
-                return native(_register_reason(insn.reg_name(op.reg)))
+                return _register_reason(insn.reg_name(op.reg))
             used[reg.name] = reg
     for op in mem_ops:
         for rid in (op.mem.base, op.mem.index):
             reg = full_register(rid) if rid else None
             if reg is not None:
                 used[reg.name] = reg
+        # cs/ds/es/ss overrides have base 0 in 64-bit mode
         if op.mem.segment == csx.X86_REG_FS:
-            fs = True
+            used["fs_base"] = FS_BASE
         elif op.mem.segment == csx.X86_REG_GS:
-            gs = True
-        elif op.mem.segment != csx.X86_REG_INVALID:
-            pass  # cs/ds/es/ss overrides have base 0 in 64-bit mode
+            used["gs_base"] = GS_BASE
     for name in _EXTRA_READ.get(base, ()) + _EXTRA_WRITE.get(base, ()):
         used[name] = BY_NAME[name]
-    if fs:
-        used["fs_base"] = FS_BASE
-    if gs:
-        used["gs_base"] = GS_BASE
+    return used
 
+
+def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
+    mnem = insn.mnemonic
+    base = mnem.split()[-1]
+    used = _registers_used(insn, base)
+    if isinstance(used, str):
+        return NativeStep(used, insn.size, mnem, text)
+    mem_ops = [op for op in insn.operands if op.type == csx.X86_OP_MEM]
     xmm = tuple(sorted(r.xmm for r in used.values() if r.xmm >= 0))
     sse = bool(xmm) or any(g in policy.SSE_GROUPS for g in insn.groups)
     if sse and policy_check and base not in policy.SSE_SAFE:
-        return native(policy.SSE_FP)
+        return NativeStep(policy.SSE_FP, insn.size, mnem, text)
     needs_fp = bool(xmm) or base == "stmxcsr"
     aligned16 = (
         bool(xmm) and base not in policy.SSE_UNALIGNED_OK and any(op.size == 16 for op in mem_ops)
@@ -291,8 +289,8 @@ def _unicorn_step(insn: capstone.CsInsn, text: str, policy_check: bool) -> Plan:
         fields=tuple(r.field for r in gprs if r.field is not None),
         xmm=xmm,
         needs_fp=needs_fp,
-        fs_base=fs,
-        gs_base=gs,
+        fs_base="fs_base" in used,
+        gs_base="gs_base" in used,
         branch=branch,
         rep=rep,
         aligned16=aligned16,
