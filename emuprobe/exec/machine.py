@@ -159,9 +159,8 @@ class Machine:
     ) -> tuple[str | None, bool]:
         """Emulate `plan` (the instruction `code` at regs.rip) for one hit.
 
-        Returns (None, fp_written) after committing registers, stores and FP
-        state, or (reason, False) having changed nothing.  An exception raised
-        inside a Unicorn callback is re-raised here, also with nothing changed.
+        Returns (None, fp_written) after committing registers, stores and FP state, or
+        (reason, False) having changed nothing (also when a callback raised: re-raised).
         """
         site = regs.rip
         length = plan.length
@@ -179,6 +178,48 @@ class Machine:
             self.uc.ctl_remove_cache(nxt, nxt + 1)
             self._tb.pop(nxt, None)
 
+        b, before, fpregs, xb = self._load(plan, regs, fp)
+        # straight to C: the binding's wrapper costs ~0.5 µs and raises
+        status = uclib.uc_emu_start(self._h, site, 0, 0, _REP_COUNT if plan.rep else 1)
+        self._mem = None
+        why = self._why_refused(status, plan.aligned16)
+        if why is not None:
+            return why, False
+
+        _check(uclib.uc_reg_read_batch(self._h, b.ids, b.ptrs, b.n))
+        vals = b.vals
+        rip = vals[b.rip]
+        if plan.rep and rip == nxt + 1:
+            rip = nxt  # it stopped by executing our hlt
+        if rip != site:
+            self._tb.pop(rip, None)  # a block may have been translated there
+        if not plan.branch and rip != nxt:
+            return f"Unicorn stopped at {rip:#x}, expected {nxt:#x}", False
+        if not canonical(rip):
+            return f"branch to non-canonical {rip:#x} (#GP)", False
+        writes = self._collect_stores()
+        xmm_out = xb if xb is not None and self._xmm_changed(xb) else None
+
+        # commit: nothing above changed the tracee or `regs`
+        for addr, data in writes:
+            mem.write(addr, data)
+        eflags = (regs.eflags & ~EMULATED_FLAGS) | (vals[b.eflags] & EMULATED_FLAGS)
+        for field, new, old in zip(b.fields, vals, before, strict=True):
+            if new != old:
+                setattr(regs, field, new)
+        regs.eflags = eflags
+        regs.rip = rip
+        if xmm_out is not None and fpregs is not None:
+            self._write_back_xmm(xmm_out, fpregs)
+            fp.set(fpregs)
+            return None, True
+        return None, False
+
+    def _load(
+        self, plan: UnicornStep, regs: UserRegs, fp: FpAccess
+    ) -> tuple[_Batch, tuple[int, ...], UserFpRegs | None, _XmmBatch | None]:
+        """Load the registers `plan` uses (and its XMM/MXCSR state) into Unicorn;
+        the values before, to see afterwards which ones changed."""
         b = self._batches.get(plan.regs)
         if b is None:
             b = self._batches[plan.regs] = _Batch(plan.regs, plan.fields)
@@ -197,54 +238,29 @@ class Machine:
                 ctypes.memmove(xb.base + 16 * slot, src + 16 * x, 16)
             xb.mxcsr.value = fpregs.mxcsr
             _check(uclib.uc_reg_write_batch(self._h, xb.ids, xb.ptrs, xb.n))
+        return b, before, fpregs, xb
 
-        # straight to C: the binding's wrapper costs ~0.5 µs and raises
-        status = uclib.uc_emu_start(self._h, site, 0, 0, _REP_COUNT if plan.rep else 1)
-        self._mem = None
+    def _why_refused(self, status: int, aligned16: bool) -> str | None:
+        """After uc_emu_start: why the run must not be committed (a callback's
+        exception is re-raised here), or None."""
         if self._error is not None:
             exc, self._error = self._error, None
             raise exc
         if self._fault is not None:
-            return self._fault, False
+            return self._fault
         if status and not self._escaped:
-            return f"unicorn: {UcError(status)}", False
-        if plan.aligned16 and self._lowest & 15:
+            return f"unicorn: {UcError(status)}"
+        if aligned16 and self._lowest & 15:
             # QEMU splits the 16-byte access in two and never checks alignment
-            return f"misaligned 16-byte SSE access at {self._lowest:#x} (#GP)", False
+            return f"misaligned 16-byte SSE access at {self._lowest:#x} (#GP)"
+        return None
 
-        _check(uclib.uc_reg_read_batch(self._h, b.ids, b.ptrs, b.n))
-        rip = vals[b.rip]
-        if plan.rep and rip == nxt + 1:
-            rip = nxt  # it stopped by executing our hlt
-        if rip != site:
-            self._tb.pop(rip, None)  # a block may have been translated there
-        if not plan.branch and rip != nxt:
-            return f"Unicorn stopped at {rip:#x}, expected {nxt:#x}", False
-        if not canonical(rip):
-            return f"branch to non-canonical {rip:#x} (#GP)", False
-        writes = self._collect_stores()
-        xmm_out = None
-        if xb is not None:
-            # compare rather than trust capstone's idea of which XMM it writes
-            before_xmm = ctypes.string_at(xb.base, 16 * len(xb.xmm))
-            _check(uclib.uc_reg_read_batch(self._h, xb.ids, xb.ptrs, xb.n))
-            if ctypes.string_at(xb.base, 16 * len(xb.xmm)) != before_xmm:
-                xmm_out = xb
-
-        # commit: nothing above changed the tracee or `regs`
-        for addr, data in writes:
-            mem.write(addr, data)
-        eflags = (regs.eflags & ~EMULATED_FLAGS) | (vals[b.eflags] & EMULATED_FLAGS)
-        for field, new, old in zip(b.fields, vals, before, strict=True):
-            if new != old:
-                setattr(regs, field, new)
-        regs.eflags = eflags
-        regs.rip = rip
-        if xmm_out is not None and fpregs is not None:
-            self._write_back_xmm(xmm_out, fpregs)
-            fp.set(fpregs)
-            return None, True
-        return None, False
+    def _xmm_changed(self, xb: _XmmBatch) -> bool:
+        """Read the XMM registers back; whether any changed (compared rather
+        than trusting capstone's idea of which XMM the instruction writes)."""
+        before = ctypes.string_at(xb.base, 16 * len(xb.xmm))
+        _check(uclib.uc_reg_read_batch(self._h, xb.ids, xb.ptrs, xb.n))
+        return ctypes.string_at(xb.base, 16 * len(xb.xmm)) != before
 
     @staticmethod
     def _write_back_xmm(xb: _XmmBatch, fpregs: UserFpRegs) -> None:
