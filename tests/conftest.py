@@ -42,9 +42,9 @@ CORE_CODES = (
 
 
 def _cpu_lacks_core_proofs() -> list[str]:
+    from emuprobe.disasm import decode
     from emuprobe.x86 import trust
     from emuprobe.x86.classkey import class_key
-    from emuprobe.x86.x86cs import decode
 
     trust.clear_caches()
     keys = {class_key(decode(bytes.fromhex(h), 0x1000)) for h in CORE_CODES}

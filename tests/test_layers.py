@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "emuprobe"
 LAYERS: dict[str, int] = {
     "emuprobe.errors": 0,
     "emuprobe.platform": 1,
+    "emuprobe.disasm": 1,  # the shared capstone decoders
     "emuprobe.sys": 2,  # ptrace, /proc maps and memory, tasks, ELF files, libraries
     "emuprobe.spec": 2,  # the PROBE grammar, perf's forms, fetch args (pure)
     "emuprobe.x86": 3,  # bytes -> Plan, policy, trust, registers, addresses (pure)

@@ -13,9 +13,8 @@ from __future__ import annotations
 import sys
 from functools import cache
 
-import capstone
-
 from emuprobe.difftest.prologues import function_starts, libc_path, text_section
+from emuprobe.disasm import CS
 
 # An opcode template: the bytes before ModRM, with any mandatory prefix first.
 Template = bytes
@@ -57,13 +56,12 @@ PREFIXED_BODIES = tuple(
     )
 ) + (b"\x0f\x1f", b"\xff", b"\x0f\xb8", b"\x0f\xbc", b"\x0f\x1e")  # fmt: skip
 
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
 def _decodes(template: bytes) -> bool:
     for modrm in _MODRMS:
         raw = template + bytes([modrm]) + _TAIL
-        insn = next(_cs.disasm(raw, 0x1000, 1), None)
+        insn = next(CS.disasm(raw, 0x1000, 1), None)
         if insn is not None and insn.size > len(template) - 1:
             return True
     return False
@@ -110,7 +108,7 @@ def real_code(limit: int = 30_000) -> tuple[bytes, ...]:
         entries = sorted(s - base for s in function_starts(elf) if 0 <= s - base < len(data))
         starts = entries + list(range(0, len(data), max(1, len(data) // 2000)))
         for start in starts:
-            for i, insn in enumerate(_cs.disasm(data[start : start + 96], base + start)):
+            for i, insn in enumerate(CS.disasm(data[start : start + 96], base + start)):
                 if i >= 12:
                     break
                 seen.setdefault(bytes(insn.bytes), None)

@@ -16,7 +16,7 @@ from pathlib import Path
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from emuprobe.x86.x86cs import CS
+from emuprobe.disasm import CS
 
 PROLOGUE_LENGTH = 6  # instructions per function, as the trust table's coverage is quoted
 _DW_EH_PE_DATAREL_SDATA4 = 0x3B  # the table encoding every GNU linker writes

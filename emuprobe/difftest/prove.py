@@ -33,10 +33,10 @@ from emuprobe.difftest.oracle import SITE
 from emuprobe.difftest.prologues import default_programs, prologue_encodings
 from emuprobe.difftest.runner import ClassStats, Runner, unsafe_natively
 from emuprobe.difftest.strategies import replay_case
+from emuprobe.disasm import decode
 from emuprobe.x86 import trust
 from emuprobe.x86.classkey import class_key
 from emuprobe.x86.cpu import this_cpu
-from emuprobe.x86.x86cs import decode
 
 Corpus = dict[str, list[bytes]]  # class -> encodings
 Item = tuple[str, list[bytes]]  # one class to prove, and its encodings

@@ -14,11 +14,11 @@ from capstone import x86_const as csx
 from emuprobe.difftest.cases import Case
 from emuprobe.difftest.compare import MATCH, MISMATCH, Verdict, compare
 from emuprobe.difftest.oracle import Sandbox
+from emuprobe.disasm import decode
 from emuprobe.exec.execute import Emulator
 from emuprobe.x86 import policy
 from emuprobe.x86.classkey import class_key
 from emuprobe.x86.decode import NativeStep, UnicornStep, analyze
-from emuprobe.x86.x86cs import decode
 
 POLICY = "policy"  # the engine refuses the class by policy (explored with it off)
 NOPLAN = "noplan"  # nothing to compare: undecodable, unsafe to run, or not transferable

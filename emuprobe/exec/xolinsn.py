@@ -30,6 +30,7 @@ from typing import Literal
 import capstone
 from capstone import x86_const as csx
 
+from emuprobe.disasm import CS
 from emuprobe.x86.decode import repeats
 
 Kind = Literal["plain", "jump", "cond", "call", "call_indirect"]
@@ -53,8 +54,6 @@ _REFUSED = {
     "iretq": "iret",
     "iretd": "iret",
 }
-_cs = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_cs.detail = True
 
 
 @dataclass(frozen=True)
@@ -75,7 +74,7 @@ class XolInsn:
 def prepare(code: bytes) -> XolInsn:
     """The slot form of the instruction at the start of `code` (position
     independent: the same bytes give the same value wherever they sit)."""
-    insn = next(_cs.disasm(bytes(code[:16]), 0, 1), None)
+    insn = next(CS.disasm(bytes(code[:16]), 0, 1), None)
     if insn is None:
         return XolInsn(0, refused="undecodable")
     text = f"{insn.mnemonic} {insn.op_str}".strip()

@@ -8,22 +8,19 @@ identity and file offset, so the load address of a process never enters.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import difflib
-import functools
 import os
 import struct
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import BinaryIO, NamedTuple
 
-import capstone
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from emuprobe.disasm import CS, SWEEP
 from emuprobe.errors import ProbeError
-from emuprobe.sys.maps import file_identity, read_maps
+from emuprobe.sys.ifunc import ifunc_file_offset
+from emuprobe.sys.maps import file_identity
 
 _STT_FUNC, _STT_GNU_IFUNC = 2, 10
 _FUNC_TYPES = frozenset({_STT_FUNC, _STT_GNU_IFUNC})
@@ -42,9 +39,6 @@ _MAX_INSN = 15
 
 # skipdata steps over an undecodable byte as objdump's "(bad)" does, so a sweep
 # that meets data in code keeps the same instruction starts objdump shows.
-_SWEEP = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
-_SWEEP.skipdata = True
-_DECODE = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 
 
 @dataclass(frozen=True)
@@ -334,7 +328,7 @@ class ElfImage:
             return
         code = self.read(sym.vaddr, vaddr - sym.vaddr + _MAX_INSN)
         before = after = None
-        for addr, _size, _mnemonic, _ops in _SWEEP.disasm_lite(code, sym.vaddr):
+        for addr, _size, _mnemonic, _ops in SWEEP.disasm_lite(code, sym.vaddr):
             if addr == vaddr:
                 return
             if addr > vaddr:
@@ -346,7 +340,7 @@ class ElfImage:
 
     def first_instruction(self, vaddr: int) -> str:
         """The instruction at `vaddr` in Intel syntax, or "(bad)" as objdump says."""
-        for _addr, _size, mnemonic, ops in _DECODE.disasm_lite(self.read(vaddr, _MAX_INSN), vaddr):
+        for _addr, _size, mnemonic, ops in CS.disasm_lite(self.read(vaddr, _MAX_INSN), vaddr):
             return f"{mnemonic} {ops}".strip()
         return "(bad)"
 
@@ -416,14 +410,13 @@ def _rank(s: Symbol) -> tuple[bool, int, bool, int, str]:
 # GLIBC_TUNABLES (hwcaps mask) in the target's environment that differs from ours
 # can make the target pick another one.
 
-_MARKER = "emuprobe-dlsym-offset"
 
 
 def resolve_ifunc(image: ElfImage, sym: Symbol) -> Symbol:
     """The implementation that the ifunc `sym` resolves to on this machine."""
     version = image._version_of(sym)[0] or None
     try:
-        offset = _ifunc_file_offset(image.path, image.identity, sym.name, version)
+        offset = ifunc_file_offset(image.path, image.identity, sym.name, version)
     except ProbeError as e:
         raise ProbeError(
             f"{image._name}: cannot resolve ifunc '{sym.name}' ({e}); probe an address instead"
@@ -437,76 +430,3 @@ def resolve_ifunc(image: ElfImage, sym: Symbol) -> Symbol:
     # Distribution libraries ship without .symtab, so "__strlen_avx2" is
     # usually unknown; the address is still exact.
     return Symbol(f"{sym.name}.impl", vaddr, 0, False)
-
-
-@functools.lru_cache(maxsize=256)
-def _ifunc_file_offset(
-    path: str, identity: tuple[tuple[int, int], int], name: str, version: str | None
-) -> int:
-    # Already loaded in this process (libc always is): asking costs nothing.
-    # Any doubt (say, an older copy of the file is loaded) goes to the child.
-    try:
-        offset = _dlsym_file_offset(path, name, version, noload=True)
-    except ProbeError:
-        offset = None
-    if offset is not None:
-        return offset
-    # Not loaded: dlopen runs the library's constructors, which must not run
-    # in the process that holds the ptrace attachments, so a child does it.
-    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", __name__, path, name, version or ""]
-    try:
-        done = subprocess.run(
-            cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ProbeError(str(e)) from None
-    for line in reversed(done.stdout.splitlines()):
-        if line.startswith(_MARKER + " "):
-            return int(line.split()[1])
-    raise ProbeError((done.stderr.strip().splitlines() or [f"status {done.returncode}"])[-1])
-
-
-def _dlsym_file_offset(path: str, name: str, version: str | None, noload: bool) -> int | None:
-    """File offset of what dlsym gives for `name` in `path`, loaded in this process.
-
-    None if `noload` and the file is not loaded; ProbeError(reason) on failure.
-    """
-    mode = os.RTLD_LAZY | (os.RTLD_NOLOAD if noload else os.RTLD_LOCAL)
-    try:
-        handle = ctypes.CDLL(path, mode=mode)._handle
-    except OSError as e:
-        if noload:
-            return None
-        raise ProbeError(str(e).removeprefix(f"{path}: ")) from None
-    libdl = ctypes.CDLL(None)
-    find = libdl.dlvsym if version else libdl.dlsym
-    find.restype = ctypes.c_void_p
-    names = [name.encode()] + ([version.encode()] if version else [])
-    addr = find(ctypes.c_void_p(handle), *names)
-    if not addr:
-        raise ProbeError("dlsym found nothing")
-    # The mapping that holds the address gives its file offset directly; this
-    # also proves that dlsym answered from this file and not a dependency.
-    identity = file_identity(path)
-    for m in read_maps(os.getpid()):
-        if (m.dev, m.inode) == identity and m.start <= addr < m.end:
-            return int(m.offset + (addr - m.start))
-    raise ProbeError("dlsym answered from another file")
-
-
-def _main(argv: list[str]) -> int:
-    path, name, version = argv
-    try:
-        offset = _dlsym_file_offset(path, name, version or None, noload=False)
-    except ProbeError as e:
-        print(e, file=sys.stderr)
-        return 1
-    print(f"{_MARKER} {offset}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

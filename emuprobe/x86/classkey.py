@@ -19,7 +19,7 @@ from __future__ import annotations
 from capstone import CsInsn
 from capstone import x86_const as csx
 
-from emuprobe.x86.x86cs import text_of
+from emuprobe.disasm import text_of
 
 LEGACY_PREFIXES = frozenset({0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67})
 _SEGMENTS = {csx.X86_REG_CS: "cs:", csx.X86_REG_DS: "ds:", csx.X86_REG_ES: "es:",

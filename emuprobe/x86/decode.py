@@ -1,7 +1,7 @@
 """analyze(code, addr) -> Plan: decide once per probe site how its displaced
 instruction will take effect at every hit.
 
-The decoding happens here (with the shared capstone of x86cs.py); the hit
+The decoding happens here (with the shared capstone of emuprobe/disasm.py); the hit
 path dispatches on the Plan's type and never decodes.  Plans are position
 independent: a site is keyed by file and offset and may sit at different
 addresses in different processes, so a Plan holds displacements, never
@@ -16,6 +16,7 @@ from typing import Literal
 import capstone
 from capstone import x86_const as csx
 
+from emuprobe.disasm import CS as _cs
 from emuprobe.x86 import policy, trust
 from emuprobe.x86.addresses import MemRef, mem_refs
 from emuprobe.x86.refusals import BRANCH_GROUPS as _BRANCH_GROUPS
@@ -34,7 +35,6 @@ from emuprobe.x86.regs import (
     full_register,
     is_gpr64,
 )
-from emuprobe.x86.x86cs import CS as _cs
 
 FastOp = Literal[
     "nop", "push", "mov", "add_rsp", "sub_rsp", "jmp", "call", "load", "store", "sse"

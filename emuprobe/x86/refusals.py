@@ -7,9 +7,9 @@ from __future__ import annotations
 import capstone
 from capstone import x86_const as csx
 
+from emuprobe.disasm import CS as _cs
 from emuprobe.x86 import policy
 from emuprobe.x86.classkey import LEGACY_PREFIXES
-from emuprobe.x86.x86cs import CS as _cs
 
 _SEGMENT_PREFIXES = frozenset({0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65})
 BRANCH_GROUPS = frozenset(

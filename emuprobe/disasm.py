@@ -1,8 +1,9 @@
-"""The capstone decoder the emulator's modules share (x86-64, with detail).
+"""The capstone decoders every layer shares (x86-64): CS with detail, and
+SWEEP, which skips data, for linear sweeps over a function's bytes.
 
-Capstone objects hold a decode buffer and options; one instance serves the
-decoder, the class key and the difftest, which all run in the tracer's one
-thread.
+Capstone objects hold a decode buffer and options; these serve the ELF
+reader, the decoder, the class key, the XOL preparer and the difftest, which
+all run in the tracer's one thread.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import capstone
 
 CS = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
 CS.detail = True
+SWEEP = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+SWEEP.skipdata = True  # like objdump: go on past bytes that decode to nothing
 
 
 def decode(code: bytes, addr: int) -> capstone.CsInsn | None:
