@@ -153,12 +153,9 @@ SYS_PAUSE = 34  # x86-64
 
 def proc_state(pid: int) -> str:
     """The state letter in /proc/PID/stat (R, S, t, T, Z...); "X" once it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            data = f.read()
-    except OSError:
-        return "X"
-    return data[data.rfind(")") + 2]
+    from emuprobe.sys.tasks import thread_state
+
+    return thread_state(pid) or "X"
 
 
 def catches(pid: int, *signals: int) -> bool:

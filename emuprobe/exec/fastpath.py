@@ -91,18 +91,24 @@ def _store(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str 
     return reason
 
 
-def _jmp(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+def _target(plan: FastPath, nxt: int) -> int | str:
+    """A relative branch's target, or why the CPU would fault on it."""
     target = (nxt + plan.imm) & MASK64
-    if not canonical(target):
-        return f"branch to non-canonical {target:#x} (#GP)"
+    return target if canonical(target) else f"branch to non-canonical {target:#x} (#GP)"
+
+
+def _jmp(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
+    target = _target(plan, nxt)
+    if isinstance(target, str):
+        return target
     regs.rip = target
     return None
 
 
 def _call(plan: FastPath, regs: UserRegs, mem: ProcessMemory, nxt: int) -> str | None:
-    target = (nxt + plan.imm) & MASK64
-    if not canonical(target):
-        return f"branch to non-canonical {target:#x} (#GP)"
+    target = _target(plan, nxt)
+    if isinstance(target, str):
+        return target
     sp = (regs.rsp - 8) & MASK64
     reason = store(mem, sp, nxt.to_bytes(8, "little"))
     if reason is None:
