@@ -10,43 +10,21 @@ from __future__ import annotations
 import bisect
 import difflib
 import os
-import struct
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from emuprobe.disasm import CS, SWEEP
 from emuprobe.errors import ProbeError
+from emuprobe.sys.elfsyms import Symbol, read_functions
 from emuprobe.sys.ifunc import ifunc_file_offset
 from emuprobe.sys.maps import file_identity
 
-_STT_FUNC, _STT_GNU_IFUNC = 2, 10
-_FUNC_TYPES = frozenset({_STT_FUNC, _STT_GNU_IFUNC})
-_SHN_UNDEF = 0
-_SHT_SYMTAB, _SHT_NOBITS, _SHT_DYNSYM = 2, 8, 11
-_SHT_GNU_VERDEF, _SHT_GNU_VERSYM = 0x6FFFFFFD, 0x6FFFFFFF
-# .gnu.version values that name no version: local, global (unversioned), reserved.
-_VER_NDX_LOCAL = 0
-_VER_NDX_UNVERSIONED = frozenset({_VER_NDX_LOCAL, 1, 0xFF00, 0xFF01})
-_SHDR = struct.Struct("<IIQQQQIIQQ")  # Elf64_Shdr
-_SYM = struct.Struct("<IBBHQQ")  # Elf64_Sym
-_VERDEF = struct.Struct("<HHHHIII")  # Elf64_Verdef
-_VERDAUX = struct.Struct("<II")  # Elf64_Verdaux
 _PF_X = 1
 _MAX_INSN = 15
 
-# skipdata steps over an undecodable byte as objdump's "(bad)" does, so a sweep
-# that meets data in code keeps the same instruction starts objdump shows.
-
-
-@dataclass(frozen=True)
-class Symbol:
-    name: str
-    vaddr: int  # ELF virtual address, as `nm` prints it
-    size: int
-    ifunc: bool  # STT_GNU_IFUNC
 
 
 @dataclass(frozen=True)
@@ -55,23 +33,6 @@ class Resolved:
     file_offset: int  # its offset in the file (via the PT_LOAD that contains it)
     label: str  # "main", "main+4", "0x401136", "strlen (__strlen_avx2)"
     symbol: Symbol | None
-
-
-class _Section(NamedTuple):  # Elf64_Shdr without sh_name
-    type: int
-    flags: int
-    addr: int
-    offset: int
-    size: int
-    link: int
-    info: int
-    addralign: int
-    entsize: int
-
-
-def _cstring(table: bytes, at: int) -> str:
-    end = table.find(b"\0", at)
-    return table[at : end if end >= 0 else len(table)].decode("utf-8", errors="replace")
 
 
 @dataclass(frozen=True)
@@ -147,87 +108,12 @@ class ElfImage:
         return self._funcs
 
     def _load_symbols(self) -> None:
-        # Read with struct, not pyelftools: its per-symbol parsing costs a
-        # quarter of a second for libc, which every `libc:` probe pays.
-        found: dict[tuple[str, int], Symbol] = {}
-        sections = self._section_headers()
-        for sec in sections:
-            if sec.type not in (_SHT_SYMTAB, _SHT_DYNSYM) or sec.entsize < _SYM.size:
-                continue
-            versions = self._version_names(sections) if sec.type == _SHT_DYNSYM else {}
-            versym = self._versym(sections) if versions else ()
-            names = self._section_bytes(sections[sec.link]) if sec.link < len(sections) else b""
-            table = self._section_bytes(sec)
-            for i in range(len(table) // sec.entsize):
-                st_name, st_info, _other, shndx, value, st_size = _SYM.unpack_from(
-                    table, i * sec.entsize
-                )
-                kind = st_info & 0xF
-                if kind not in _FUNC_TYPES or shndx == _SHN_UNDEF:
-                    continue
-                name = _cstring(names, st_name)
-                if not name:
-                    continue
-                key = (name, value)
-                old = found.get(key)
-                # A stripped .symtab entry may say size 0 where .dynsym knows it.
-                size = max(st_size, old.size if old else 0)
-                ifunc = kind == _STT_GNU_IFUNC or bool(old and old.ifunc)
-                found[key] = Symbol(name, value, size, ifunc)
-                ndx = versym[i] if i < len(versym) else _VER_NDX_LOCAL
-                if ndx not in _VER_NDX_UNVERSIONED and (ndx & 0x7FFF) in versions:
-                    # Bit 15 marks a hidden (non-default, "@" not "@@") version.
-                    self._versions[key] = (versions[ndx & 0x7FFF], not ndx & 0x8000)
-        funcs = sorted(found.values(), key=lambda s: (s.vaddr, s.name))
+        funcs, self._versions = read_functions(self._stream.fileno(), self._elf)
         self._funcs = funcs
         self._starts = [s.vaddr for s in funcs]
         self._max_size = max((s.size for s in funcs), default=0)
         for sym in funcs:
             self._by_name.setdefault(sym.name, []).append(sym)
-
-    def _section_headers(self) -> list[_Section]:
-        header = self._elf.header
-        count, entsize = self._elf.num_sections(), header["e_shentsize"]
-        if not count or entsize < _SHDR.size:
-            return []
-        raw = os.pread(self._stream.fileno(), count * entsize, header["e_shoff"])
-        return [
-            _Section(*_SHDR.unpack_from(raw, i * entsize)[1:])
-            for i in range(len(raw) // entsize)
-        ]
-
-    def _section_bytes(self, sec: _Section) -> bytes:
-        if sec.type == _SHT_NOBITS:
-            return b""
-        return os.pread(self._stream.fileno(), sec.size, sec.offset)
-
-    def _version_names(self, sections: list[_Section]) -> dict[int, str]:
-        """vd_ndx -> name of each version .gnu.version_d defines."""
-        verdef = next((s for s in sections if s.type == _SHT_GNU_VERDEF), None)
-        if verdef is None or verdef.link >= len(sections):
-            return {}
-        data = self._section_bytes(verdef)
-        names = self._section_bytes(sections[verdef.link])
-        out: dict[int, str] = {}
-        at = 0
-        for _ in range(verdef.info):  # sh_info: the number of entries
-            if at + _VERDEF.size > len(data):
-                break
-            _version, _flags, ndx, count, _hash, aux, step = _VERDEF.unpack_from(data, at)
-            if count and at + aux + _VERDAUX.size <= len(data):
-                out[ndx] = _cstring(names, _VERDAUX.unpack_from(data, at + aux)[0])
-            if not step:
-                break
-            at += step
-        return out
-
-    def _versym(self, sections: list[_Section]) -> tuple[int, ...]:
-        """.gnu.version: the version index of each .dynsym entry."""
-        sec = next((s for s in sections if s.type == _SHT_GNU_VERSYM), None)
-        if sec is None:
-            return ()
-        data = self._section_bytes(sec)
-        return struct.unpack_from(f"<{len(data) // 2}H", data)
 
     def lookup(self, name: str) -> Symbol:
         """The function called `name`; "malloc@@GLIBC_2.2.5" picks a .dynsym version."""
