@@ -24,7 +24,7 @@ from emuprobe.difftest.oracle import CODE, DATA, RO, SITE, Sandbox
 from emuprobe.difftest.runner import Result, Runner, decode
 from emuprobe.difftest.strategies import FIXED_GPRS
 from emuprobe.difftest.undefined import undefined
-from emuprobe.exec import cmachine, machine
+from emuprobe.exec import cmachine, machine, ucengine
 from emuprobe.sys import ptrace as pt
 from emuprobe.x86 import trust
 from emuprobe.x86.classkey import class_key
@@ -345,14 +345,14 @@ def test_ci_profile_catches_cf_dropped_on_write_back(
 def test_ci_profile_catches_lost_upper_half_of_xmm1(monkeypatch: pytest.MonkeyPatch) -> None:
     """On the Python machine, whose XMM write-back can be patched from here."""
     monkeypatch.setenv("EMUPROBE_CMACHINE", "0")
-    right = machine.Machine._write_back_xmm
+    right = ucengine.XmmBatch.write_back
 
-    def lossy(xb: machine._XmmBatch, fpregs: pt.UserFpRegs) -> None:
+    def lossy(xb: ucengine.XmmBatch, fpregs: pt.UserFpRegs) -> None:
         upper = bytes(fpregs.xmm_space)[24:32]
         right(xb, fpregs)
         ctypes.memmove(ctypes.addressof(fpregs.xmm_space) + 24, upper, 8)  # xmm1[127:64] kept
 
-    monkeypatch.setattr(machine.Machine, "_write_back_xmm", staticmethod(lossy))
+    monkeypatch.setattr(ucengine.XmmBatch, "write_back", lossy)
     r = caught_by_ci_profile()
     assert r is not None, "the CI profile missed a lost XMM1 upper half"
     assert any(d.startswith("xmm1:") for d in r.verdict.diffs), r.verdict  # type: ignore[union-attr]

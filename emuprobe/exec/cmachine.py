@@ -19,7 +19,7 @@ from unicorn import unicorn_const as ucc
 from unicorn import x86_const as ucx
 from unicorn.unicorn_py3.unicorn import uclib
 
-from emuprobe.exec.machine import FpAccess, new_engine
+from emuprobe.exec.ucengine import FpAccess, new_engine
 from emuprobe.sys.maps import MapsIndex
 from emuprobe.sys.memory import PlantedBytes, ProcessMemory
 from emuprobe.sys.ptrace import UserRegs, reg_offset

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from emuprobe.exec import fastpath, hostsse
 from emuprobe.exec.cmachine import CMachine, compiled_module
-from emuprobe.exec.machine import FpAccess, Machine
+from emuprobe.exec.machine import Machine
+from emuprobe.exec.ucengine import FpAccess
 from emuprobe.sys.memory import ProcessMemory
 from emuprobe.sys.ptrace import UserRegs
 from emuprobe.x86.decode import FastPath, NativeStep, Plan, UnicornStep

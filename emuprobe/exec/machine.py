@@ -25,12 +25,10 @@ planted `hlt` byte is refused rather than shown a byte the program never wrote.
 from __future__ import annotations
 
 import ctypes
-import operator
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any
 
 from unicorn import (
-    UC_ARCH_X86,
     UC_HOOK_INSN,
     UC_HOOK_INSN_INVALID,
     UC_HOOK_INTR,
@@ -38,7 +36,6 @@ from unicorn import (
     UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_MEM_WRITE,
     UC_MEM_FETCH_UNMAPPED,
-    UC_MODE_64,
     UC_PROT_ALL,
     Uc,
     UcError,
@@ -46,76 +43,22 @@ from unicorn import (
 from unicorn import x86_const as ucx
 from unicorn.unicorn_py3.unicorn import uclib
 
+from emuprobe.exec.ucengine import HLT, Batch, FpAccess, XmmBatch, new_engine
 from emuprobe.sys.maps import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE
 from emuprobe.sys.memory import ProcessMemory
 from emuprobe.sys.ptrace import UserFpRegs, UserRegs
 from emuprobe.x86 import addresses, policy
 from emuprobe.x86.decode import UnicornStep
-from emuprobe.x86.regs import EMULATED_FLAGS, MASK64, MXCSR, RESERVED_ONE, XMMS, canonical
+from emuprobe.x86.regs import EMULATED_FLAGS, MASK64, RESERVED_ONE, canonical
 
 _OFF = PAGE - 1
-HLT = b"\xf4"
 MAX_PAGES = 256  # beyond this, drop every page and translation block at the next hit
 _REP_COUNT = 1 << 62
-
-
-class FpAccess(Protocol):
-    """The tracee thread's FP/SSE registers, fetched only when a Plan needs them."""
-
-    def get(self) -> UserFpRegs: ...
-
-    def set(self, fp: UserFpRegs) -> None: ...
-
-
-class _Batch:
-    """Precomputed uc_reg_{write,read}_batch arguments for one register tuple."""
-
-    def __init__(self, ucs: tuple[int, ...], fields: tuple[str, ...]) -> None:
-        n = len(ucs)
-        self.n = n
-        self.ids = (ctypes.c_int * n)(*ucs)
-        self.vals = (ctypes.c_uint64 * n)()
-        base = ctypes.addressof(self.vals)
-        self.ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
-        self.fields = fields
-        self.get: Callable[[UserRegs], tuple[int, ...]] = operator.attrgetter(*fields)
-        self.rip = fields.index("rip")
-        self.eflags = fields.index("eflags")
-
-
-class _XmmBatch:
-    """The same for XMM registers (16-byte slots) plus MXCSR in the last slot."""
-
-    def __init__(self, xmm: tuple[int, ...]) -> None:
-        ucs = [XMMS[i].uc for i in xmm] + [MXCSR.uc]
-        n = len(ucs)
-        self.n = n
-        self.xmm = xmm
-        self.ids = (ctypes.c_int * n)(*ucs)
-        self.buf = (ctypes.c_uint8 * (16 * n))()
-        self.base = ctypes.addressof(self.buf)
-        self.ptrs = (ctypes.c_void_p * n)(*(self.base + 16 * i for i in range(n)))
-        self.mxcsr = ctypes.c_uint32.from_address(self.base + 16 * (n - 1))
 
 
 def _check(status: int) -> None:
     if status:
         raise UcError(status)
-
-
-def new_engine() -> Any:
-    """A Unicorn engine for x86-64, ready for one-instruction runs."""
-    # Any: unicorn's stubs describe the Python 2 binding (no ctl_flush_tb, aux1)
-    uc: Any = cast(Any, Uc(UC_ARCH_X86, UC_MODE_64))
-    # Unicorn adds its instruction-counting hook on the first count>0 run
-    # and flushes every block when it is removed (count=0): run once now,
-    # before anything is translated, and never pass count=0.
-    uc.mem_map(PAGE, PAGE, UC_PROT_ALL)
-    uc.mem_write(PAGE, b"\x90" + HLT)
-    uc.emu_start(PAGE, 0, 0, 1)
-    uc.mem_unmap(PAGE, PAGE)
-    uc.ctl_flush_tb()
-    return uc
 
 
 class Machine:
@@ -130,8 +73,8 @@ class Machine:
         self._buffers: list[ctypes.Array[ctypes.c_char]] = []  # keeps them alive
         self._fresh: dict[int, int] = {}  # page -> tracee prot, refreshed this hit
         self._tb: dict[int, bytes] = {}  # site -> bytes its cached block came from
-        self._batches: dict[tuple[int, ...], _Batch] = {}
-        self._xmm_batches: dict[tuple[int, ...], _XmmBatch] = {}
+        self._batches: dict[tuple[int, ...], Batch] = {}
+        self._xmm_batches: dict[tuple[int, ...], XmmBatch] = {}
         self._stores: list[tuple[int, int]] = []
         self._mem: ProcessMemory | None = None
         self._fault: str | None = None
@@ -210,33 +153,30 @@ class Machine:
         regs.eflags = eflags
         regs.rip = rip
         if xmm_out is not None and fpregs is not None:
-            self._write_back_xmm(xmm_out, fpregs)
+            xmm_out.write_back(fpregs)
             fp.set(fpregs)
             return None, True
         return None, False
 
     def _load(
         self, plan: UnicornStep, regs: UserRegs, fp: FpAccess
-    ) -> tuple[_Batch, tuple[int, ...], UserFpRegs | None, _XmmBatch | None]:
+    ) -> tuple[Batch, tuple[int, ...], UserFpRegs | None, XmmBatch | None]:
         """Load the registers `plan` uses (and its XMM/MXCSR state) into Unicorn;
         the values before, to see afterwards which ones changed."""
         b = self._batches.get(plan.regs)
         if b is None:
-            b = self._batches[plan.regs] = _Batch(plan.regs, plan.fields)
+            b = self._batches[plan.regs] = Batch(plan.regs, plan.fields)
         before = b.get(regs)
         vals = b.vals
         vals[:] = before  # type: ignore[call-overload]
         vals[b.eflags] = (regs.eflags & EMULATED_FLAGS) | RESERVED_ONE
         _check(uclib.uc_reg_write_batch(self._h, b.ids, b.ptrs, b.n))
         fpregs: UserFpRegs | None = None
-        xb: _XmmBatch | None = None
+        xb: XmmBatch | None = None
         if plan.needs_fp:
             fpregs = fp.get()
             xb = self._xmm_batch(plan.xmm)
-            src = ctypes.addressof(fpregs.xmm_space)
-            for slot, x in enumerate(xb.xmm):
-                ctypes.memmove(xb.base + 16 * slot, src + 16 * x, 16)
-            xb.mxcsr.value = fpregs.mxcsr
+            xb.read_from(fpregs)
             _check(uclib.uc_reg_write_batch(self._h, xb.ids, xb.ptrs, xb.n))
         return b, before, fpregs, xb
 
@@ -255,24 +195,17 @@ class Machine:
             return f"misaligned 16-byte SSE access at {self._lowest:#x} (#GP)"
         return None
 
-    def _xmm_changed(self, xb: _XmmBatch) -> bool:
+    def _xmm_changed(self, xb: XmmBatch) -> bool:
         """Read the XMM registers back; whether any changed (compared rather
         than trusting capstone's idea of which XMM the instruction writes)."""
         before = ctypes.string_at(xb.base, 16 * len(xb.xmm))
         _check(uclib.uc_reg_read_batch(self._h, xb.ids, xb.ptrs, xb.n))
         return ctypes.string_at(xb.base, 16 * len(xb.xmm)) != before
 
-    @staticmethod
-    def _write_back_xmm(xb: _XmmBatch, fpregs: UserFpRegs) -> None:
-        """Copy the XMM registers Unicorn left in `xb` into the thread's FP state."""
-        dst = ctypes.addressof(fpregs.xmm_space)
-        for slot, x in enumerate(xb.xmm):
-            ctypes.memmove(dst + 16 * x, xb.base + 16 * slot, 16)
-
-    def _xmm_batch(self, xmm: tuple[int, ...]) -> _XmmBatch:
+    def _xmm_batch(self, xmm: tuple[int, ...]) -> XmmBatch:
         xb = self._xmm_batches.get(xmm)
         if xb is None:
-            xb = self._xmm_batches[xmm] = _XmmBatch(xmm)
+            xb = self._xmm_batches[xmm] = XmmBatch(xmm)
         return xb
 
     def _begin(self, mem: ProcessMemory, site: int, nxt: int, code: bytes, aligned16: bool) -> None:
