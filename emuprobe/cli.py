@@ -160,6 +160,7 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
         raise ProbeError("give either -p PID or a command after '--', not both")
     if args.pid is None and not command:
         raise ProbeError("nothing to trace: give -p PID or a command after '--'")
+    specs = frontend.parse_specs(args)  # once, and before the tracee is touched
     tracer = (
         Tracer.attach(args.pid, strategy=args.strategy)
         if args.pid is not None
@@ -169,15 +170,13 @@ def _trace(args: argparse.Namespace, command: list[str]) -> int:
     out: TextIO = open_output(args.output) if args.output else sys.stdout
     stats_file = open_output(args.stats_json) if args.stats_json else None
     front = None
-    if frontend.wanted(args):
-        front = frontend.TraceFrontend(args, out, frontend.parse_specs(args))
+    if frontend.wanted(args, specs):
+        front = frontend.TraceFrontend(args, out, specs)
         front.attach(tracer)
     else:
-        if not args.probes:
-            raise ProbeError("no probes: give PROBE arguments or --events FILE")
         printer = None if args.count else LinePrinter(out)
-        for text in args.probes:
-            tracer.probe(text, printer)
+        for spec in specs:
+            tracer.probe(spec, printer)
     try:
         status = tracer.run()
     finally:

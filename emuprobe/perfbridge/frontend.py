@@ -19,17 +19,13 @@ from emuprobe.spec.perf import parse_perf_probe, read_events_file
 from emuprobe.spec.probe import ProbeSpec, parse_probe
 
 
-def wanted(args: argparse.Namespace) -> bool:
+def wanted(args: argparse.Namespace, specs: list[ProbeSpec]) -> bool:
     """Whether this run needs the bridge (else the plain counting/printing path serves)."""
     return bool(
         args.perf_binary or args.events or stack_depth(args) or args.by or args.hist
         or args.kernel_events or args.format != "text"
-        or any(s.retprobe or s.args for s in _own_specs(args))
+        or any(s.retprobe or s.args for s in specs)
     )
-
-
-def _own_specs(args: argparse.Namespace) -> list[ProbeSpec]:
-    return [] if args.perf_binary else [parse_probe(p) for p in args.probes]
 
 
 def parse_specs(args: argparse.Namespace) -> list[ProbeSpec]:
@@ -37,7 +33,7 @@ def parse_specs(args: argparse.Namespace) -> list[ProbeSpec]:
     if args.perf_binary:
         specs = [parse_perf_probe(p, args.perf_binary) for p in args.probes]
     else:
-        specs = _own_specs(args)
+        specs = [parse_probe(p) for p in args.probes]
     if args.events:
         specs += read_events_file(args.events)
     if not specs:
