@@ -10,6 +10,7 @@ import ctypes
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from emuprobe.engine.events import ProbeEvent, Registers
@@ -24,10 +25,33 @@ from emuprobe.errors import OutputClosed
 from emuprobe.exec.execute import Emulated, Emulator
 from emuprobe.sys import ptrace
 from emuprobe.sys.tasks import read_comm
-from emuprobe.x86.decode import NativeStep, analyze
+from emuprobe.x86.decode import FastPath, NativeStep, UnicornStep, analyze
 from emuprobe.x86.regs import TF
 
 _SI_ADDR_OFFSET = 16  # siginfo_t: si_signo, si_errno, si_code, padding, then si_addr
+
+
+@dataclass
+class _Hit:
+    thread: Thread
+    site: ProbeSite
+    addr: int
+    regs: ptrace.UserRegs
+    plan: Any  # the Plan of the bytes in memory now (usually the site's)
+    code: bytes
+
+    @property
+    def followed(self) -> bool:
+        return self.thread.process.followed
+
+    @property
+    def program_tf(self) -> bool:
+        """The program single-steps itself (EFLAGS.TF): natively the CPU traps
+        after the instruction, so the emulated or stepped one must too."""
+        return bool(self.regs.eflags & TF)
+
+
+Executor = Callable[[_Hit], bool]  # True once the instruction has run and the thread resumed
 
 
 class Hits:
@@ -43,10 +67,19 @@ class Hits:
         self.hot = hot
         self.emulator = Emulator()
         self.xol = Xol()
-        # Decided once: how a hit whose Plan allows emulation runs.
-        self._emulate = strategy == "emulate"
-        self._out_of_line = strategy == "xol"
+        # Decided once: the executors each Plan kind tries, in order, until
+        # one has run the instruction (the native step always does).
+        first: list[Executor] = []
+        if strategy == "emulate":
+            first = [self._emulated]
+        elif strategy == "xol":
+            first = [self._out_of_line]
         self._stop_world = strategy != "inplace"  # inplace is the unsafe demonstration
+        native_first = first if strategy == "xol" else []
+        self._executors: dict[type, list[Executor]] = {
+            FastPath: [*first, self._native], UnicornStep: [*first, self._native],
+            NativeStep: [*native_first, self._native],
+        }  # fmt: skip
         self._warn = warn
         self._warn_once = warn_once
         self._changed: dict[bytes, Any] = {}  # rewritten instructions' bytes -> plan
@@ -55,38 +88,43 @@ class Hits:
 
     def execute(self, thread: Thread, site: ProbeSite, addr: int, regs: ptrace.UserRegs) -> None:
         """Run the instruction displaced at `addr` for `thread` (regs.rip == addr), resume it."""
-        followed = thread.process.followed
-        # The program's own single-stepping (EFLAGS.TF): natively the CPU
-        # traps after the instruction, so the emulated or stepped one must too.
-        program_tf = bool(regs.eflags & TF)
-        plan, code = self._code_now(thread.process.aspace, site, addr)
-        native = type(plan) is NativeStep
-        if self._emulate and not native:
-            done = self.emulator.step(
-                plan, code, regs, thread.process.aspace.memory, ptrace.ThreadFp(thread.tid)
-            )
-            if isinstance(done, Emulated):
-                ptrace.setregs(thread.tid, regs)
-                thread.at_site = None  # the instruction has taken effect
-                trap = _single_step_trap(thread.tid, regs.rip) if program_tf else 0
-                self.reg.resume(thread, trap)
-                _count(site, emulated=True, followed=followed)
-                if self.hot is not None and followed and code is site.code:
-                    self.hot.offer(thread, site, addr, regs)
+        hit = _Hit(thread, site, addr, regs, *self._code_now(thread.process.aspace, site, addr))
+        for run in self._executors[type(hit.plan)]:
+            if run(hit):
                 return
-        thread.at_site = None  # the steps below set rip themselves
-        if self._out_of_line:
-            outcome = self.xol.step(self.reg, thread, site, addr, regs)
-            if outcome is not None:
-                _count(site, emulated=False, followed=followed)
-                resume_after_step(self.reg, thread, outcome)
-                return
+
+    def _emulated(self, hit: _Hit) -> bool:
+        thread, regs = hit.thread, hit.regs
+        done = self.emulator.step(hit.plan, hit.code, regs, thread.process.aspace.memory,
+                                  ptrace.ThreadFp(thread.tid))  # fmt: skip
+        if not isinstance(done, Emulated):
+            return False
+        ptrace.setregs(thread.tid, regs)
+        thread.at_site = None  # the instruction has taken effect
+        self.reg.resume(thread, _single_step_trap(thread.tid, regs.rip) if hit.program_tf else 0)
+        _count(hit.site, emulated=True, followed=hit.followed)
+        if self.hot is not None and hit.followed and hit.code is hit.site.code:
+            self.hot.offer(thread, hit.site, hit.addr, regs)
+        return True
+
+    def _out_of_line(self, hit: _Hit) -> bool:
+        hit.thread.at_site = None  # the step sets rip itself
+        outcome = self.xol.step(self.reg, hit.thread, hit.site, hit.addr, hit.regs)
+        if outcome is None:
+            return False
+        _count(hit.site, emulated=False, followed=hit.followed)
+        resume_after_step(self.reg, hit.thread, outcome)
+        return True
+
+    def _native(self, hit: _Hit) -> bool:
+        hit.thread.at_site = None  # the step sets rip itself
         # A rep string op traps after every iteration: step it to completion.
-        rep = bool(getattr(plan, "rep", False))  # FastPath ops never repeat
-        outcome = native_step(self.reg, thread, addr, regs, rep,
-                              stop_world=self._stop_world, program_tf=program_tf)  # fmt: skip
-        _count(site, emulated=False, followed=followed)
-        resume_after_step(self.reg, thread, outcome)
+        rep = bool(getattr(hit.plan, "rep", False))  # FastPath ops never repeat
+        outcome = native_step(self.reg, hit.thread, hit.addr, hit.regs, rep,
+                              stop_world=self._stop_world, program_tf=hit.program_tf)  # fmt: skip
+        _count(hit.site, emulated=False, followed=hit.followed)
+        resume_after_step(self.reg, hit.thread, outcome)
+        return True
 
     def report(self, thread: Thread, site: ProbeSite, regs: ptrace.UserRegs) -> None:
         """Count the hit and call each probe's handlers (a handler's bug is
