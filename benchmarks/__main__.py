@@ -1,4 +1,4 @@
-"""emuprobe's benchmark suite: python -m benchmarks [--quick] (also `emuprobe bench`).
+"""emuprobe's benchmark suite: python -m benchmarks [--quick] (or make bench).
 
 Compiles its fixtures, measures the per-hit cost of every strategy, the C
 ptrace floors (emulating and out-of-line), kernel uprobes and the peers on

@@ -2,8 +2,8 @@
 
     python -m benchmarks.steps [--steps 3000] [--machine c|py|both]
 
-Loads each instruction into the native oracle's sandbox (emuprobe/emulator/
-oracle.py) as a probe hit finds it (our int3 on the site, the tracee stopped
+Loads each instruction into the native oracle's sandbox
+(emuprobe/difftest/oracle.py) as a probe hit finds it (our int3 on the site, the tracee stopped
 there), then calls Emulator.step STEPS times from the same registers and
 prints the median µs per step, for the compiled machine (when it is built)
 and the pure-Python one.  The state is the one tests/test_emulator.py gives
